@@ -1,0 +1,117 @@
+"""The experiment folder: its layout, and atomic writes that never clobber a result.
+
+    results/<name>/
+      spec.yaml      the resolved search space / config and the command that made it
+      trials.csv     one row per trial            history.csv   one row per trial x epoch
+      best.json      best config, val and test accuracy       best_model.pt
+      optuna.db      the Optuna study (SQLite)    tune/         Ray Tune's own state (--resume)
+      kfold.csv, kfold_folds.csv (kfold)          metrics.json, model.pt (train)
+      report.md, *.png (report)
+
+Every file is written to a temporary name in the same folder and renamed into place, so a reader
+(or a crash) never sees half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import UserError
+
+RAY_DIR = "tune"
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return _atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def write_yaml(path: Path, obj: Any) -> Path:
+    return write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def write_csv(path: Path, frame) -> Path:
+    return write_text(path, frame.to_csv(index=False))
+
+
+def write_torch(path: Path, obj: Any) -> Path:
+    import torch
+    return _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_png(path: Path, fig) -> Path:
+    return _atomic(Path(path), lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def check_writable(results_dir: Path) -> None:
+    """Fail before any training when the results folder cannot be created or written."""
+    d = Path(results_dir)
+    probe_dir = d
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise UserError(f"results folder {d}: {probe_dir} is not a folder")
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise UserError(f"results folder {d} is not writable ({probe_dir} denies writing)")
+
+
+def experiment_dir(results_dir: Path, name: str, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Decide (without touching anything) the folder of an experiment, refusing to clobber one."""
+    if not name or "/" in name or name in (".", ".."):
+        raise UserError(f"--name {name!r} must be a plain folder name")
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    check_writable(results_dir)
+    exp = Path(results_dir) / name
+    if exp.exists() and not (resume or overwrite):
+        raise UserError(f"experiment folder {exp} already exists: pass --resume to continue it "
+                        "or --overwrite to replace it (or choose another --name)")
+    if resume and not exp.exists():
+        raise UserError(f"--resume: no experiment folder {exp} to continue")
+    return exp
+
+
+def start_experiment(exp: Path, overwrite: bool) -> Path:
+    """Create the folder once every check has passed (replacing it only under --overwrite)."""
+    if overwrite and exp.exists():
+        shutil.rmtree(exp)
+    exp.mkdir(parents=True, exist_ok=True)
+    return exp

@@ -1,0 +1,284 @@
+"""`search NAME`: Ray Tune + OptunaSearch (TPE) + ASHA over a search space, then the best trial's test.
+
+plan_search() checks everything (space, flags, data, weights, results folder) and touches nothing;
+run_search() then creates the experiment folder, starts Ray, runs or resumes the Tuner, and writes
+trials.csv, history.csv, best.json and best_model.pt through results.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig, UserError
+from .results import (RAY_DIR, experiment_dir, read_json, start_experiment, write_csv, write_json,
+                      write_torch, write_yaml)
+from .spaces import Budget, SearchSpec, asha_rounds, check_budget, check_rungs, load_space
+from .tuning import (Phases, RayOptions, result_loggers, run_tuner, start_ray, stop_ray, threads_for,
+                     trial_resources,
+                     trial_rows)
+
+METRIC, MODE = "val_acc", "max"
+QUICK = {"num_samples": 6, "max_epochs": 3, "subset": 5000}
+QUICK_BIG_MODEL = {"subset": 1000, "resolution": 64}     # pretrained nets at 224 px are slow on a CPU
+TIME_RESERVE = (20.0, 0.04)     # seconds + share of --time-budget kept for the test and the report
+
+
+@dataclass
+class SearchOptions:
+    results_dir: Path = Path("results")
+    name: str | None = None
+    num_samples: int | None = None
+    max_epochs: int | None = None
+    grace_period: float | None = None
+    time_budget: float | None = None
+    data_dir: str | None = None
+    subset: int | None = None
+    download: bool = False
+    weights: str | None = None
+    gpus_per_trial: float | None = None
+    cpus_per_trial: float | None = None
+    seed: int = 0
+    max_failures: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    quick: bool = False
+    report: bool = True
+    ray: RayOptions = field(default_factory=RayOptions)
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class SearchPlan:
+    spec: SearchSpec
+    opts: SearchOptions
+    exp: Path
+    resources: dict[str, float]
+    inject: dict[str, Any]
+
+    @property
+    def base(self) -> TrainConfig:
+        return self.spec.base
+
+
+def resolve_data_dir(data_dir: str | None, download: bool) -> str:
+    """Find the data now (a clear error before Ray starts) and pin its absolute path for the workers."""
+    from .data import candidate_dirs, detect_layout, load_cifar10
+    for _, root in candidate_dirs(data_dir):
+        if detect_layout(root):
+            return str(root.resolve())
+    return load_cifar10(data_dir, download).source      # downloads, or raises the clear error
+
+
+def check_data(cfg: TrainConfig) -> None:
+    from .data import check_subset, load_for
+    data = load_for(cfg.replace(subset=None))     # reads and validates every file once
+    import numpy as np
+    labels = np.concatenate([data.train.y.cpu().numpy(), data.val.y.cpu().numpy()])
+    check_subset(cfg.subset, labels)
+
+
+def check_weights(cfg: TrainConfig) -> None:
+    if cfg.mode != "scratch":
+        from .models import build_model
+        build_model(cfg.model, cfg.mode, 10, cfg.width, cfg.weights, cfg.download)
+
+
+def fault_injection() -> dict[str, Any]:
+    """TUNE_CIFAR_INJECT='{"raise": {"1": 2}, "nan": {"2": 1}}': the first trial raises at round 2 on
+    every attempt, the second trial's loss turns NaN at round 1 ("raise_once" fails only the first attempt).
+    For testing the search's resilience; never set in normal use."""
+    raw = os.environ.get("TUNE_CIFAR_INJECT")
+    if not raw:
+        return {}
+    try:
+        inject = json.loads(raw)
+        assert isinstance(inject, dict) and set(inject) <= {"raise", "raise_once", "nan"}
+        return inject
+    except (ValueError, AssertionError):
+        raise UserError("TUNE_CIFAR_INJECT must be JSON like {\"raise\": {\"1\": 2}, \"nan\": {\"2\": 1}}") from None
+
+
+def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
+    """Every check, before anything is written or started."""
+    spec = load_space(name)
+    if opts.resume:
+        exp = experiment_dir(opts.results_dir, opts.name or spec.name, resume=True)
+        saved = read_json(exp / "plan.json")
+        opts = dataclasses.replace(opts, **{k: v for k, v in saved["options"].items()
+                                            if k in ("num_samples", "max_epochs", "grace_period", "subset",
+                                                     "data_dir", "seed", "time_budget", "max_failures")})
+    b = spec.budget
+    quick = dict(QUICK, **(QUICK_BIG_MODEL if spec.base.model != "simple_cnn" else {})) if opts.quick else {}
+    budget = Budget(max_epochs=opts.max_epochs or quick.get("max_epochs", b.max_epochs),
+                    grace_period=opts.grace_period or quick.get("grace_period", b.grace_period),
+                    reduction_factor=b.reduction_factor,
+                    num_samples=opts.num_samples or quick.get("num_samples", b.num_samples),
+                    time_budget_s=opts.time_budget if opts.time_budget is not None else b.time_budget_s)
+    budget = Budget(**dict(vars(budget), grace_period=min(budget.grace_period, budget.max_epochs)
+                           if opts.grace_period is None else budget.grace_period))
+    check_budget(budget, "--")
+    check_rungs(budget, spec.base.evals_per_epoch, "--")
+    if opts.subset is not None and opts.subset < 0:
+        raise UserError(f"--subset={opts.subset} must be positive")
+    resources = trial_resources(opts.gpus_per_trial if opts.gpus_per_trial is not None else spec.resources.gpu,
+                                opts.cpus_per_trial if opts.cpus_per_trial is not None else spec.resources.cpu)
+    data_dir = resolve_data_dir(opts.data_dir, opts.download)
+    changes: dict[str, Any] = {"epochs": budget.max_epochs, "data_dir": data_dir, "download": False,
+                               "subset": opts.subset if opts.subset is not None else quick.get("subset"),
+                               "threads": threads_for(resources) if not resources["gpu"] else None}
+    if "resolution" in quick and spec.base.mode != "scratch":
+        changes["resolution"] = quick["resolution"]
+    if opts.weights:
+        changes["weights"] = str(Path(opts.weights).resolve())
+    base = spec.base.replace(**changes)
+    base.check("search")
+    check_data(base)
+    check_weights(base)
+    spec = dataclasses.replace(spec, base=base, budget=budget)
+    exp = experiment_dir(opts.results_dir, opts.name or spec.name, resume=opts.resume, overwrite=opts.overwrite)
+    return SearchPlan(spec, dataclasses.replace(opts, data_dir=data_dir), exp, resources, fault_injection())
+
+
+def make_tuner_factory(plan: SearchPlan, trainable, time_budget_s: float | None):
+    def make():
+        import optuna
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.search.optuna import OptunaSearch
+
+        from .trainable import trial_dirname
+
+        spec, opts = plan.spec, plan.opts
+        max_t, grace = asha_rounds(spec.budget, spec.base.evals_per_epoch)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(plan.exp / 'optuna.db').resolve()}")
+        searcher = OptunaSearch(space=spec.optuna_space(), metric=METRIC, mode=MODE,
+                                points_to_evaluate=[spec.default_point()], storage=storage,
+                                study_name=plan.exp.name, seed=opts.seed)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
+                                  reduction_factor=spec.budget.reduction_factor)
+        constants = spec.base.replace(seed=opts.seed).to_dict()
+        for k in spec.space:
+            constants.pop(k, None)
+        if plan.inject:
+            constants["_inject"] = plan.inject
+        return tune.Tuner(
+            trainable, param_space=constants,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=spec.budget.num_samples, reuse_actors=True,
+                                        time_budget_s=time_budget_s, trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(
+                name=RAY_DIR, storage_path=_storage(plan), verbose=1, callbacks=result_loggers(),
+                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    return make
+
+
+def _storage(plan: SearchPlan) -> str:
+    return (plan.opts.ray.storage.rstrip("/") + "/" + plan.exp.name) if plan.opts.ray.storage \
+        else str(plan.exp.resolve())
+
+
+def trainable_for(resources: dict[str, float]):
+    from ray import tune
+    from .trainable import run_trial
+    return tune.with_resources(run_trial, resources)
+
+
+def run_search(plan: SearchPlan) -> dict[str, Any]:
+    spec, opts, exp = plan.spec, plan.opts, plan.exp
+    phases = Phases(opts.started)
+    start_experiment(exp, overwrite=opts.overwrite)
+    if not opts.resume:
+        write_yaml(exp / "spec.yaml", {"command": " ".join(sys.argv), **spec.to_dict()})
+        write_json(exp / "plan.json", {"options": {k: (str(v) if isinstance(v, Path) else v)
+                                                   for k, v in vars(opts).items() if k != "ray"},
+                                       "resources": plan.resources})
+    phases.done("validate")
+    ray_facts = start_ray(opts.ray)
+    phases.done("ray_start")
+    budget = spec.budget.time_budget_s
+    tune_budget = None
+    if budget is not None:
+        reserve = TIME_RESERVE[0] + TIME_RESERVE[1] * budget
+        tune_budget = budget - phases.elapsed() - reserve
+        if tune_budget <= 0:
+            raise UserError(f"--time-budget {budget:g}s is used up before the search starts "
+                            f"({phases.elapsed():.0f}s for start-up, {reserve:.0f}s kept for the test)")
+    try:
+        results = run_tuner(make_tuner_factory(plan, trainable_for(plan.resources), tune_budget), exp, opts.ray,
+                            trainable_for(plan.resources), opts.resume)
+        phases.done("search")
+    finally:
+        stop_ray()
+    summary = write_search_results(plan, results, phases, ray_facts)
+    if opts.report:
+        from .report import write_report
+        write_report(exp)
+        phases.done("report")
+        summary["phases"] = phases.seconds
+        write_json(exp / "best.json", summary)
+    return summary
+
+
+def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: dict) -> dict[str, Any]:
+    import pandas as pd
+    import torch
+
+    from .data import load_for
+    from .train import model_from_state, test_metrics
+    from .trainable import STATE_FILE
+
+    spec, exp = plan.spec, plan.exp
+    max_t, _ = asha_rounds(spec.budget, spec.base.evals_per_epoch)
+    rows, history = trial_rows(results, list(spec.space), max_t)
+    trials = pd.DataFrame(rows)
+    write_csv(exp / "trials.csv", trials.drop(columns=["path"], errors="ignore"))
+    write_csv(exp / "history.csv", pd.DataFrame(history))
+    ok = trials[trials["status"].isin(["completed", "stopped", "early_stopped"]) & trials["last_val_acc"].notna()]
+    if ok.empty:
+        raise UserError(f"{exp}: no trial finished successfully (see trials.csv for each trial's status and error)")
+    best_row = ok.sort_values(["last_val_acc", "rounds"], ascending=False).iloc[0]
+    best_result = next(r for r in results if r.path == best_row["path"])
+    params = {k: _plain(best_row[k]) for k in spec.space}
+    cfg = spec.base.replace(**params, seed=plan.opts.seed)
+    with best_result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    model = model_from_state(cfg, state)
+    data = load_for(cfg.replace(threads=None, device="auto"))
+    metrics = test_metrics(model, cfg.replace(device="auto"), data)
+    phases.done("test")
+    write_torch(exp / "best_model.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
+                                        "classes": list(data.classes)})
+    write_json(exp / "test_predictions.json", {"predictions": metrics.pop("predictions"),
+                                               "labels": data.test.y.cpu().tolist(), "classes": list(data.classes)})
+    summary = {"experiment": exp.name, "search_space": spec.source, "best_trial": best_row["trial_id"],
+               "best_config": params, "val_acc": float(best_row["last_val_acc"]),
+               "test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"],
+               "epochs": float(best_row["epochs"]), "config": cfg.to_dict(),
+               "trials": len(trials), "status_counts": trials["status"].value_counts().to_dict(),
+               "checkpoint": "best_model.pt", "ray": ray_facts, "phases": phases.seconds,
+               "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
+    write_json(exp / "best.json", summary)
+    print_summary(trials, summary, list(spec.space))
+    return summary
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def print_summary(trials, summary: dict[str, Any], searched: list[str]) -> None:
+    cols = ["trial_id", "status", *searched, "last_val_acc", "epochs", "seconds"]
+    top = trials.sort_values("last_val_acc", ascending=False, na_position="last")[cols]
+    print()
+    print(top.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"\n{summary['trials']} trials ({', '.join(f'{v} {k}' for k, v in summary['status_counts'].items())}); "
+          f"best {summary['best_trial']}: val_acc={summary['val_acc']:.4f} test_acc={summary['test_acc']:.4f}")
+    print("time per phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["phases"].items()))
+    print(f"test_acc={summary['test_acc']:.4f}")

@@ -1,0 +1,268 @@
+"""One configuration -> epochs -> metrics and checkpoints. Imports nothing from Ray.
+
+`fit(cfg, data, on_epoch)` is a flat epoch loop in the style of airbench: batches come from the
+device-resident uint8 store (data.py), the optimiser and schedule step per batch, and after every
+epoch `on_epoch(record, checkpoint)` is called — the Ray trainable reports through it, the plain
+`train` command prints through it. `checkpoint()` builds the resumable state only when asked, so a
+caller that does not save pays nothing.
+
+In frozen mode the backbone never changes, so its features are computed once per data set
+(features.py) and only the new head is trained on them — the result is the same model as training
+head(backbone(x)) with the backbone in eval mode, at a fraction of the cost.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import DeviceData, device_of
+from .models import REGISTRY, build_model, join_frozen, resolve_resolution, split_frozen
+
+EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
+NAN_CHECK_EVERY = 25      # steps between finiteness checks (each one is a device sync on CUDA)
+
+
+@dataclass
+class FitResult:
+    status: str                        # completed | diverged | early_stopped
+    history: list[dict[str, Any]]
+    model: nn.Module
+    state: Callable[[], dict[str, Any]] = field(repr=False)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def best_val_acc(self) -> float:
+        return max((h["val_acc"] for h in self.history), default=float("nan"))
+
+
+@dataclass
+class Runtime:
+    """How a config runs on this device: decided once, shared by training and evaluation."""
+    device: torch.device
+    resolution: int
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "Runtime":
+        device = device_of(cfg.device)
+        cuda = device.type == "cuda"
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and REGISTRY[cfg.model].bf16)
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return cls(device, resolve_resolution(cfg.model, cfg.mode, cfg.resolution),
+                   torch.bfloat16 if bf16 else None, channels_last=True)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
+    opt = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return opt(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, **fused)
+
+
+def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    warm = max(1, int(cfg.warmup * total_steps)) if cfg.warmup > 0 else 0
+    if cfg.schedule == "onecycle":
+        # linear up to the peak over `warm` steps, then linearly down to ~0: the airbench recipe
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+    elif cfg.schedule == "cosine":
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+    else:
+        def factor(step: int) -> float:
+            return (step + 1) / warm if step < warm else 1.0
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, n // batch_size)
+
+
+def fit(cfg: TrainConfig, data: DeviceData, on_epoch: EpochCallback | None = None,
+        resume: dict[str, Any] | None = None, poison_at: int | None = None) -> FitResult:
+    """Train `cfg` on `data.train`; validate on `data.val` `evals_per_epoch` times per epoch.
+
+    Training runs in rounds: an epoch's shuffled order is cut into `evals_per_epoch` equal parts,
+    and after each part the model is validated and `on_epoch` called (one ASHA iteration), so a
+    search can judge and stop a trial after half an epoch when epochs are expensive.
+    `poison_at` (fault-injection tests only) turns the loss into NaN from that round on.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rt = Runtime.of(cfg)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.mode, len(data.classes), cfg.width, cfg.weights, cfg.download)
+
+    if cfg.mode == "frozen":
+        from .features import frozen_features
+        backbone, trained = split_frozen(model, cfg.model)
+        backbone.to(rt.device)
+        feats = frozen_features(backbone, data, rt, key=(cfg.model, cfg.weights))
+        train_feed = lambda order: feats.train.batches(cfg.batch_size, cfg.augment, gen, order)  # noqa: E731
+        val_feed = lambda: feats.val.batches(1024)  # noqa: E731
+    else:
+        trained = model
+        train_feed = lambda order: data.train.batches(  # noqa: E731
+            cfg.batch_size, rt.resolution, cfg.augment, gen, order, channels_last=rt.channels_last)
+        val_feed = lambda: data.val.batches(  # noqa: E731
+            eval_batch(cfg), rt.resolution, channels_last=rt.channels_last)
+    trained.to(rt.device)
+    if rt.channels_last:
+        trained.to(memory_format=torch.channels_last)
+
+    n = len(data.train)
+    rounds = cfg.evals_per_epoch
+    # every round is a whole number of batches, so the schedule knows its length exactly
+    per_round = max(1, steps_per_epoch(n, cfg.batch_size) // rounds) * min(cfg.batch_size, n)
+    opt = make_optimizer(cfg, [p for p in trained.parameters() if p.requires_grad], rt.device)
+    sched = make_schedule(cfg, opt, cfg.epochs * rounds * max(1, per_round // cfg.batch_size))
+    history: list[dict[str, Any]] = []
+    order = torch.randperm(n, generator=gen)
+    if resume is not None:
+        trained.load_state_dict(resume["trained"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        gen.set_state(resume["rng"]["generator"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        history = list(resume["history"])
+        order = resume["order"]
+
+    def state() -> dict[str, Any]:
+        return {"trained": {k: v.detach().cpu() for k, v in trained.state_dict().items()},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "order": order,
+                "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
+                "history": list(history), "round": len(history), "config": cfg.to_dict()}
+
+    def final_model() -> nn.Module:
+        return join_frozen(backbone, trained, cfg.model) if cfg.mode == "frozen" else model
+
+    status = "completed"
+    best_val_loss, since_best = float("inf"), 0
+    for r in range(len(history), cfg.epochs * rounds):
+        part = r % rounds
+        if part == 0 and r > 0:
+            order = torch.randperm(n, generator=gen)
+        t0 = time.perf_counter()
+        trained.train()
+        loss_sum = torch.zeros((), device=rt.device)
+        correct = torch.zeros((), device=rt.device, dtype=torch.long)
+        seen = 0
+        for step, (x, y) in enumerate(train_feed(order[part * per_round:(part + 1) * per_round])):
+            with rt.autocast():
+                out = trained(x)
+                loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+                if poison_at is not None and r + 1 >= poison_at:
+                    loss = loss * float("nan")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+            if step % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss):
+                break
+        train_loss = loss_sum.item() / max(1, seen)
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_acc, _ = evaluate(trained, val_feed(), rt)
+        record = {"round": r + 1, "epoch": round((r + 1) / rounds, 4), "train_loss": train_loss,
+                  "train_acc": correct.item() / max(1, seen), "val_loss": val_loss, "val_acc": val_acc,
+                  "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0,
+                  "images_per_s": seen / max(train_seconds, 1e-9)}
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            status = "diverged"
+            record.update(val_acc=0.0, val_loss=float("nan"))
+        elif cfg.patience:
+            if val_loss < best_val_loss - 1e-4:
+                best_val_loss, since_best = val_loss, 0
+            else:
+                since_best += 1
+                status = "early_stopped" if since_best >= cfg.patience else status
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(dict(record, status="running" if status == "completed" else status), state)
+        if status != "completed":
+            break
+    return FitResult(status, history, final_model(), state)
+
+
+def eval_batch(cfg: TrainConfig) -> int:
+    return max(cfg.batch_size, 512 if resolve_resolution(cfg.model, cfg.mode, cfg.resolution) <= 64 else 128)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, rt: Runtime) -> tuple[float, float, np.ndarray]:
+    """(mean loss, accuracy, predictions) over an iterable of (x, y) batches, without smoothing."""
+    model.eval()
+    loss_sum = torch.zeros((), device=rt.device)
+    preds = []
+    n = correct = 0
+    for x, y in batches:
+        with rt.autocast():
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        p = out.argmax(1)
+        correct += int((p == y).sum())
+        n += len(y)
+        preds.append(p.cpu())
+    preds_np = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    return loss_sum.item() / max(1, n), correct / max(1, n), preds_np
+
+
+def test_metrics(model: nn.Module, cfg: TrainConfig, data: DeviceData) -> dict[str, Any]:
+    """Accuracy, confusion matrix and per-class precision / recall / F1 on the test set (scikit-learn)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    rt = Runtime.of(cfg)
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss, _, preds = evaluate(model, data.test.batches(eval_batch(cfg), rt.resolution,
+                                                       channels_last=rt.channels_last), rt)
+    y = data.test.y.cpu().numpy()
+    labels = list(range(len(data.classes)))
+    p, r, f1, support = precision_recall_fscore_support(y, preds, labels=labels, zero_division=0)
+    return {"test_acc": float(accuracy_score(y, preds)), "test_loss": loss,
+            "confusion_matrix": confusion_matrix(y, preds, labels=labels).tolist(),
+            "per_class": [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
+                           "support": int(support[i])} for i, c in enumerate(data.classes)],
+            "predictions": preds.tolist()}
+
+
+def model_from_state(cfg: TrainConfig, state: dict[str, Any], num_classes: int = 10) -> nn.Module:
+    """Rebuild the trained model from a checkpoint `state` (frozen checkpoints hold only the head)."""
+    model = build_model(cfg.model, cfg.mode, num_classes, cfg.width, cfg.weights, cfg.download)
+    if cfg.mode == "frozen":
+        backbone, head = split_frozen(model, cfg.model)
+        head.load_state_dict(state["trained"])
+        return join_frozen(backbone, head, cfg.model)
+    model.load_state_dict(state["trained"])
+    return model
