@@ -24,7 +24,7 @@ from .tuning import (Phases, RayOptions, result_loggers, run_tuner, start_ray, s
                      trial_rows)
 
 METRIC, MODE = "val_acc", "max"
-QUICK = {"num_samples": 6, "max_epochs": 3, "subset": 5000}
+QUICK = {"num_samples": 6, "max_epochs": 4, "subset": 10000}
 QUICK_BIG_MODEL = {"subset": 1000, "resolution": 64}     # pretrained nets at 224 px are slow on a CPU
 TIME_RESERVE = (20.0, 0.04)     # seconds + share of --time-budget kept for the test and the report
 
@@ -262,7 +262,7 @@ def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: d
                "test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"],
                "epochs": float(best_row["epochs"]), "config": cfg.to_dict(),
                "trials": len(trials), "status_counts": trials["status"].value_counts().to_dict(),
-               "checkpoint": "best_model.pt", "ray": ray_facts, "phases": phases.seconds,
+               "checkpoint": "best_model.pt", "ray": ray_facts, "resources": plan.resources, "phases": phases.seconds,
                "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
     write_json(exp / "best.json", summary)
     print_summary(trials, summary, list(spec.space))

@@ -33,9 +33,13 @@ class InjectedFault(RuntimeError):
 
 
 def split_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
-    """Tune's flat config -> (TrainConfig, extras). Extras start with '_' (fold, fault injection)."""
+    """Tune's flat config -> (TrainConfig, extras). Extras start with '_': the K-fold candidate and
+    fold (`_candidates[_candidate]` holds its hyper-parameters), fault injection."""
     extras = {k: v for k, v in config.items() if k.startswith("_")}
-    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k in CONFIG_KEYS}, where="trial config")
+    values = {k: v for k, v in config.items() if k in CONFIG_KEYS}
+    if "_candidate" in extras:
+        values.update(extras["_candidates"][extras["_candidate"]])
+    cfg = TrainConfig.from_dict(values, where="trial config")
     return cfg, extras
 
 
@@ -51,7 +55,7 @@ def trial_index() -> int:
 
 def run_trial(config: dict[str, Any]) -> None:
     cfg, extras = split_config(config)
-    fold = tuple(extras["_fold"]) if "_fold" in extras else None
+    fold = (extras["_fold_index"], extras["_k"]) if "_fold_index" in extras else None
     data = load_for(cfg, fold=fold)
 
     resume = None
