@@ -196,7 +196,7 @@ def run_kfold(plan: KFoldPlan) -> Any:
         results = run_tuner(make_tuner_factory(plan, trainable, budget), exp, opts.ray, trainable, opts.resume)
         phases.done("folds")
     finally:
-        stop_ray()
+        stop_ray(ray_facts)
     table = write_kfold_results(plan, results)
     if opts.report:
         from .report import write_report

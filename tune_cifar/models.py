@@ -162,12 +162,19 @@ def pretrained_state(name: str, weights: str | None, download: bool) -> dict[str
                     f"pass --weights PATH to a state-dict file, or --download when online")
 
 
+def architecture(name: str, mode: str, num_classes: int = 10, width: int = 64) -> nn.Module:
+    """The network of `name` x `mode` with random weights and a `num_classes` head (for loading
+    a trained state dict: ImageNet-shaped for frozen/full, the CIFAR variant for scratch)."""
+    e = entry(name)
+    builder = SCRATCH_BUILDERS.get(name, e.build) if mode == "scratch" else e.build
+    return builder(num_classes=num_classes, width=width)
+
+
 def build_model(name: str, mode: str, num_classes: int = 10, width: int = 64,
                 weights: str | None = None, download: bool = False) -> nn.Module:
     e = entry(name)
     if mode == "scratch":
-        builder = SCRATCH_BUILDERS.get(name, e.build)
-        return builder(num_classes=num_classes, width=width)
+        return architecture(name, mode, num_classes, width)
     if e.weights is None and not weights:
         raise UserError(f"{name} has no pretrained weights: mode '{mode}' needs --weights PATH (or use scratch)")
     model = e.build(num_classes=1000)

@@ -215,7 +215,7 @@ def run_search(plan: SearchPlan) -> dict[str, Any]:
                             trainable_for(plan.resources), opts.resume)
         phases.done("search")
     finally:
-        stop_ray()
+        stop_ray(ray_facts)
     summary = write_search_results(plan, results, phases, ray_facts)
     if opts.report:
         from .report import write_report
@@ -231,7 +231,7 @@ def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: d
     import torch
 
     from .data import load_for
-    from .train import model_from_state, test_metrics
+    from .train import model_from_state, evaluate_test
     from .trainable import STATE_FILE
 
     spec, exp = plan.spec, plan.exp
@@ -251,7 +251,7 @@ def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: d
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     model = model_from_state(cfg, state)
     data = load_for(cfg.replace(threads=None, device="auto"))
-    metrics = test_metrics(model, cfg.replace(device="auto"), data)
+    metrics = evaluate_test(model, cfg.replace(device="auto"), data)
     phases.done("test")
     write_torch(exp / "best_model.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
                                         "classes": list(data.classes)})

@@ -38,7 +38,7 @@ def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool) -> dic
     import torch
 
     from .data import load_for
-    from .train import fit, test_metrics
+    from .train import fit, evaluate_test
 
     started = time.time()
     start_experiment(exp, overwrite=overwrite)
@@ -59,7 +59,7 @@ def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool) -> dic
               f"({record['seconds']:.1f}s, {record['images_per_s']:.0f} img/s)", flush=True)
 
     result = fit(cfg, data, on_epoch=on_epoch, resume=state)
-    metrics = test_metrics(result.model, cfg, data)
+    metrics = evaluate_test(result.model, cfg, data)
     metrics.pop("predictions")
     out = {"status": result.status, "test_acc": metrics["test_acc"], "val_acc": result.last.get("val_acc"),
            "best_val_acc": result.best_val_acc, "epochs": result.last.get("epoch", 0), **metrics,

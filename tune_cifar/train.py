@@ -237,7 +237,7 @@ def evaluate(model: nn.Module, batches, rt: Runtime) -> tuple[float, float, np.n
     return loss_sum.item() / max(1, n), correct / max(1, n), preds_np
 
 
-def test_metrics(model: nn.Module, cfg: TrainConfig, data: DeviceData) -> dict[str, Any]:
+def evaluate_test(model: nn.Module, cfg: TrainConfig, data: DeviceData) -> dict[str, Any]:
     """Accuracy, confusion matrix and per-class precision / recall / F1 on the test set (scikit-learn)."""
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 

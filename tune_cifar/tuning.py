@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -70,17 +71,21 @@ def threads_for(resources: dict[str, float]) -> int:
 
 
 def start_ray(opts: RayOptions) -> dict[str, Any]:
-    """Join a cluster (--address / RAY_ADDRESS) or start an embedded local Ray; returns its facts."""
+    """Join a cluster (--address / RAY_ADDRESS), reuse the Ray this process already runs, or start an
+    embedded local Ray; returns its facts ("started": whether stop_ray should shut it down)."""
     import ray
 
     if opts.dashboard and opts.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
-        print(EXPOSED_DASHBOARD_WARNING.format(host=opts.dashboard_host), flush=True)
+        print(EXPOSED_DASHBOARD_WARNING.format(host=opts.dashboard_host), file=sys.stderr, flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # no TensorBoard/JSON loggers
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # CSV + JSON only: result_loggers()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     address = opts.address or os.environ.get("RAY_ADDRESS")
+    started = not ray.is_initialized()
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
+    if not started:
+        ctx = None
+    elif address:
         ctx = ray.init(address=address, **kwargs)
     else:
         kwargs.update(include_dashboard=opts.dashboard, dashboard_host=opts.dashboard_host,
@@ -89,8 +94,11 @@ def start_ray(opts: RayOptions) -> dict[str, Any]:
     url = getattr(ctx, "dashboard_url", None)
     if opts.dashboard and url:
         print(f"Ray dashboard: http://{url}", flush=True)
-    return {"address": address or "local", "dashboard_url": f"http://{url}" if url else None,
-            "nodes": len([n for n in ray.nodes() if n.get("Alive")])}
+    resources = ray.cluster_resources()
+    return {"address": address or "local", "started": started,
+            "dashboard_url": f"http://{url}" if url else None,
+            "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
 
 
 def result_loggers() -> list:
@@ -99,9 +107,10 @@ def result_loggers() -> list:
     return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
-def stop_ray() -> None:
+def stop_ray(facts: dict[str, Any] | None) -> None:
+    """Shut down the Ray this command started (not one it joined or found running)."""
     import ray
-    if ray.is_initialized():
+    if facts is None or facts.get("started"):
         ray.shutdown()
 
 
