@@ -19,7 +19,7 @@ from typing import Any
 from .config import TrainConfig, UserError
 from .results import (RAY_DIR, experiment_dir, read_json, start_experiment, write_csv, write_json,
                       write_yaml)
-from .search import check_data, check_weights, fault_injection, resolve_data_dir
+from .search import check_data, check_gpu_request, check_weights, fault_injection, resolve_data_dir
 from .spaces import SearchSpec, check_value, load_space
 from .tuning import (Phases, RayOptions, result_loggers, run_tuner, start_ray, stop_ray, threads_for,
                      trial_resources, trial_rows)
@@ -115,6 +115,7 @@ def plan_kfold(name: str, opts: KFoldOptions) -> KFoldPlan:
         raise UserError(f"--epochs={opts.epochs} must be at least 1")
     if opts.subset is not None and opts.subset < 1:
         raise UserError(f"--subset={opts.subset} must be positive")
+    check_gpu_request(opts.gpus_per_trial, opts.ray)
     resources = trial_resources(opts.gpus_per_trial if opts.gpus_per_trial is not None else spec.resources.gpu,
                                 opts.cpus_per_trial if opts.cpus_per_trial is not None else spec.resources.cpu)
     data_dir = resolve_data_dir(opts.data_dir, opts.download)

@@ -75,6 +75,16 @@ def resolve_data_dir(data_dir: str | None, download: bool) -> str:
     return load_cifar10(data_dir, download).source      # downloads, or raises the clear error
 
 
+def check_gpu_request(gpus_per_trial: float | None, ray_opts: RayOptions) -> None:
+    """An explicit --gpus-per-trial on a machine without GPUs is a mistake (a space file's default
+    GPU share is simply not used there). On a cluster, the GPUs may be on other nodes."""
+    from .tuning import gpus_present
+    if gpus_per_trial is not None and gpus_per_trial > 0 and not gpus_present() \
+            and not (ray_opts.address or os.environ.get("RAY_ADDRESS")):
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: no GPU is visible on this machine "
+                        "(trials run on the CPU without the flag)")
+
+
 def check_data(cfg: TrainConfig) -> None:
     from .data import check_subset, load_for
     data = load_for(cfg.replace(subset=None))     # reads and validates every file once
@@ -115,17 +125,21 @@ def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
                                                      "data_dir", "seed", "time_budget", "max_failures")})
     b = spec.budget
     quick = dict(QUICK, **(QUICK_BIG_MODEL if spec.base.model != "simple_cnn" else {})) if opts.quick else {}
-    budget = Budget(max_epochs=opts.max_epochs or quick.get("max_epochs", b.max_epochs),
-                    grace_period=opts.grace_period or quick.get("grace_period", b.grace_period),
+    def pick(flag: Any, key: str, from_spec: Any) -> Any:
+        """A flag the user gave wins, then the --quick preset, then the search-space file."""
+        return flag if flag is not None else quick.get(key, from_spec)
+
+    max_epochs = pick(opts.max_epochs, "max_epochs", b.max_epochs)
+    budget = Budget(max_epochs=max_epochs,
+                    grace_period=pick(opts.grace_period, "grace_period", min(b.grace_period, max_epochs)),
                     reduction_factor=b.reduction_factor,
-                    num_samples=opts.num_samples or quick.get("num_samples", b.num_samples),
-                    time_budget_s=opts.time_budget if opts.time_budget is not None else b.time_budget_s)
-    budget = Budget(**dict(vars(budget), grace_period=min(budget.grace_period, budget.max_epochs)
-                           if opts.grace_period is None else budget.grace_period))
+                    num_samples=pick(opts.num_samples, "num_samples", b.num_samples),
+                    time_budget_s=pick(opts.time_budget, "time_budget_s", b.time_budget_s))
     check_budget(budget, "--")
     check_rungs(budget, spec.base.evals_per_epoch, "--")
     if opts.subset is not None and opts.subset < 0:
         raise UserError(f"--subset={opts.subset} must be positive")
+    check_gpu_request(opts.gpus_per_trial, opts.ray)
     resources = trial_resources(opts.gpus_per_trial if opts.gpus_per_trial is not None else spec.resources.gpu,
                                 opts.cpus_per_trial if opts.cpus_per_trial is not None else spec.resources.cpu)
     data_dir = resolve_data_dir(opts.data_dir, opts.download)

@@ -190,8 +190,7 @@ def parse_space(raw: Any, source: str, name: str = "space") -> SearchSpec:
         base_values["resolution"] = raw["resolution"]
     base = TrainConfig.from_dict(base_values, where=source)
     check_rungs(budget, base.evals_per_epoch, f"{source}: budget.")
-    from .models import resolve_resolution
-    resolve_resolution(base.model, base.mode, base.resolution)
+    check_resolution(source, base, base.resolution)
 
     space_raw = _mapping(f"{source}: space", raw.get("space") or {})
     if not space_raw:
@@ -244,8 +243,15 @@ def check_value(where: str, key: str, value: Any, base: TrainConfig) -> None:
     value = coerce(key, value, where)
     base.replace(**{key: value}).check(where)
     if key == "resolution":
-        from .models import resolve_resolution
-        resolve_resolution(base.model, base.mode, value)
+        check_resolution(where, base, value)
+
+
+def check_resolution(where: str, base: TrainConfig, resolution: int | None) -> None:
+    from .models import resolve_resolution
+    try:
+        resolve_resolution(base.model, base.mode, resolution)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def check_budget(b: Budget, prefix: str) -> None:

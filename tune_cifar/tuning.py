@@ -161,7 +161,9 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
         elif status == "running":
             status = "completed" if max_rounds is not None and rounds >= max_rounds else "stopped"
         vals = df["val_acc"].dropna() if "val_acc" in df else pd.Series(dtype=float)
-        row = {"trial_id": trial_id, "status": status}
+        name = Path(result.path or "").name                   # trial_<n>_<id>, see trainable.trial_dirname
+        number = int(name.split("_")[1]) if name.startswith("trial_") and name.split("_")[1].isdigit() else None
+        row = {"trial": number, "trial_id": trial_id, "status": status}
         row.update({k: cfg.get(k) for k in searched})
         row.update({"best_val_acc": float(vals.max()) if len(vals) else None,
                     "last_val_acc": float(vals.iloc[-1]) if len(vals) else None,
@@ -177,4 +179,5 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
                 if c in df.columns]
         for rec in df[keep].to_dict("records"):
             history.append({"trial_id": trial_id, **rec})
+    rows.sort(key=lambda r: (r["trial"] is None, r["trial"] or 0))
     return rows, history

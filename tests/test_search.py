@@ -1,0 +1,235 @@
+"""search and kfold end to end on real CIFAR-10 subsets, sharing one local Ray for the module:
+ASHA stops trials, files are consistent, seeds reproduce, faults are contained, kill -9 resumes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, TINY
+
+OK = {"completed", "stopped", "early_stopped"}
+
+
+def search_args(cifar_dir, results, name, *extra):
+    return ("search", TINY, "--data-dir", cifar_dir, "--subset", 2000, "--results-dir", results, "--name", name,
+            *extra)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def first_search(ray_session, results, cifar_dir):
+    from tune_cifar.cli import main
+    assert main([str(a) for a in search_args(cifar_dir, results, "s1", "--seed", 1)]) == 0
+    return results / "s1"
+
+
+def is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 2000:
+        return False
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return 200 <= width <= 4000 and 150 <= height <= 4000
+
+
+def test_search_writes_consistent_results(first_search):
+    exp = first_search
+    for f in ("spec.yaml", "trials.csv", "history.csv", "best.json", "best_model.pt", "optuna.db", "report.md"):
+        assert (exp / f).is_file(), f
+    trials = pd.read_csv(exp / "trials.csv", dtype={"trial_id": str})
+    history = pd.read_csv(exp / "history.csv", dtype={"trial_id": str})
+    assert len(trials) == 6 and set(trials["status"]) <= OK
+    assert (trials["rounds"] < 4).any(), "ASHA stopped no trial early"
+    assert {"lr", "optimizer", "batch_size", "best_val_acc", "last_val_acc", "epochs", "seconds"} <= set(trials.columns)
+    for _, t in trials.iterrows():                       # history holds every reported round of every trial
+        h = history[history["trial_id"] == t["trial_id"]]
+        assert len(h) == t["rounds"] and h["round"].tolist() == list(range(1, t["rounds"] + 1))
+        assert abs(h["val_acc"].max() - t["best_val_acc"]) < 1e-9 and abs(h["val_acc"].iloc[-1] - t["last_val_acc"]) < 1e-9
+    best = json.loads((exp / "best.json").read_text())
+    assert best["val_acc"] == trials["last_val_acc"].max()
+    assert 0.1 < best["test_acc"] <= 1
+    saved = torch.load(exp / "best_model.pt", weights_only=True)
+    assert saved["config"]["lr"] == pytest.approx(best["best_config"]["lr"])
+    # the test accuracy in best.json is what the saved model scores on the test set
+    from tune_cifar.config import TrainConfig
+    from tune_cifar.data import load_for
+    from tune_cifar.export import load_trained
+    from tune_cifar.train import evaluate_test
+    model, cfg, _ = load_trained(exp)
+    assert evaluate_test(model, cfg.replace(threads=None), load_for(cfg))["test_acc"] == pytest.approx(best["test_acc"])
+    # the Optuna study in SQLite holds every trial (what optuna-dashboard opens)
+    import optuna
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert len(study.trials) == 6
+    assert TrainConfig.from_dict(saved["config"]).model == "simple_cnn"
+
+
+def test_report_images_and_numbers(first_search):
+    exp = first_search
+    for png in ("curves.png", "trials_epochs.png", "history.png", "parallel.png", "confusion.png", "per_class.png"):
+        assert is_png(exp / png), png
+    report = (exp / "report.md").read_text()
+    assert "test accuracy" in report and "confusion.png" in report and "overfitting gap" in report
+    pred = json.loads((exp / "test_predictions.json").read_text())
+    from sklearn.metrics import f1_score
+    per_class = pd.read_csv(exp / "per_class.csv")
+    np.testing.assert_allclose(per_class["f1"], f1_score(pred["labels"], pred["predictions"], average=None), atol=1e-9)
+    acc = np.mean(np.array(pred["labels"]) == np.array(pred["predictions"]))
+    assert acc == pytest.approx(json.loads((exp / "best.json").read_text())["test_acc"])
+
+
+def test_same_seed_same_configurations(first_search, results, cifar_dir, cli):
+    rc, _, err = cli(*search_args(cifar_dir, results, "s2", "--seed", 1, "--num-samples", 3, "--max-epochs", 1,
+                                  "--no-report"))
+    assert rc == 0, err
+    rc, _, err = cli(*search_args(cifar_dir, results, "s3", "--seed", 2, "--num-samples", 3, "--max-epochs", 1,
+                                  "--no-report"))
+    assert rc == 0, err
+    cols = ["trial", "lr", "optimizer", "batch_size"]
+    a = pd.read_csv(first_search / "trials.csv")[cols].head(3)
+    b = pd.read_csv(results / "s2" / "trials.csv")[cols]
+    c = pd.read_csv(results / "s3" / "trials.csv")[cols]
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    assert not np.allclose(b["lr"].iloc[1:], c["lr"].iloc[1:])   # trial 1 is the space's default point
+
+
+def test_faulty_trials_are_contained(ray_session, results, cifar_dir, cli, monkeypatch):
+    monkeypatch.setenv("TUNE_CIFAR_INJECT", json.dumps({"raise": {"2": 1}, "nan": {"3": 1}, "raise_once": {"4": 2}}))
+    rc, out, err = cli(*search_args(cifar_dir, results, "faults", "--num-samples", 5, "--max-failures", 1,
+                                    "--grace-period", 2, "--no-report"))
+    assert rc == 0, err
+    trials = pd.read_csv(results / "faults" / "trials.csv").set_index("trial")
+    assert trials.loc[2, "status"] == "error" and "injected fault in trial 2" in trials.loc[2, "error"]
+    assert trials.loc[3, "status"] == "diverged" and trials.loc[3, "last_val_acc"] == 0.0
+    assert trials.loc[4, "status"] == "completed"              # retried from its checkpoint, then finished
+    history = pd.read_csv(results / "faults" / "history.csv")
+    assert history[history["trial_id"] == trials.loc[4, "trial_id"]]["round"].tolist() == [1, 2, 3, 4]
+    assert {1, 5} <= set(trials.index[trials["status"].isin(OK)])
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the driver ended early:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError("timed out waiting for the driver")
+
+
+def _kill_midway(args, exp: Path, gcs: str) -> None:
+    """Start the CLI as its own driver on the module's Ray, SIGKILL it once 2 trials have checkpoints."""
+    proc = subprocess.Popen([sys.executable, "-m", "tune_cifar", *map(str, args), "--address", gcs], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: len(list((exp / "tune").glob("trial_*/checkpoint_*"))) >= 2, 240, proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (exp / "trials.csv").exists()
+
+
+def test_search_resumes_after_sigkill(ray_session, results, cifar_dir, cli):
+    args = search_args(cifar_dir, results, "killed", "--num-samples", 6, "--no-report")
+    _kill_midway(args, results / "killed", ray_session)
+    rc, _, err = cli(*args)
+    assert rc == 2 and "--resume" in err                       # neither --resume nor --overwrite: refused
+    rc, out, err = cli(*args, "--resume")
+    assert rc == 0, err
+    trials = pd.read_csv(results / "killed" / "trials.csv")
+    assert len(trials) == 6 and set(trials["status"]) <= OK
+    history = pd.read_csv(results / "killed" / "history.csv")
+    assert not history.duplicated(["trial_id", "round"]).any()     # no finished round was run again
+    assert json.loads((results / "killed" / "best.json").read_text())["test_acc"] > 0.1
+
+
+def kfold_args(cifar_dir, results, name, *extra):
+    return ("kfold", TINY, "--k", 3, "--data-dir", cifar_dir, "--subset", 1500, "--epochs", 1,
+            "--results-dir", results, "--name", name, *extra)
+
+
+def test_kfold_statistics(ray_session, results, cifar_dir, cli):
+    rc, out, err = cli(*kfold_args(cifar_dir, results, "kf", "--num-samples", 2))
+    assert rc == 0, err
+    table = pd.read_csv(results / "kf" / "kfold.csv")
+    folds = pd.read_csv(results / "kf" / "kfold_folds.csv")
+    assert len(table) == 2 and len(folds) == 6 and set(folds["status"]) == {"completed"}
+    for _, row in table.iterrows():
+        accs = folds[folds["config"] == row["config"]].sort_values("fold")["accuracy"].to_numpy()
+        assert row["mean_acc"] == pytest.approx(accs.mean())
+        assert row["std_acc"] == pytest.approx(np.std(accs, ddof=1))
+        assert [row[f"fold_{i}"] for i in range(3)] == pytest.approx(accs.tolist())
+    assert is_png(results / "kf" / "kfold.png")
+    assert "mean_acc" in out
+
+
+def test_kfold_from_search_and_explicit_set(first_search, results, cifar_dir, cli):
+    rc, _, err = cli(*kfold_args(cifar_dir, results, "kf_top", "--from-search", "s1", "--top", 2, "--no-report"))
+    assert rc == 0, err
+    table = pd.read_csv(results / "kf_top" / "kfold.csv")
+    best = pd.read_csv(first_search / "trials.csv").sort_values("last_val_acc", ascending=False).head(2)
+    assert sorted(table["lr"]) == pytest.approx(sorted(best["lr"]))
+    rc, _, err = cli(*kfold_args(cifar_dir, results, "kf_set", "--set", "lr=0.02", "--set", "optimizer=adam",
+                                 "--no-report"))
+    assert rc == 0, err
+    table = pd.read_csv(results / "kf_set" / "kfold.csv")
+    assert len(table) == 1 and table["lr"].iloc[0] == 0.02 and table["optimizer"].iloc[0] == "adam"
+
+
+def test_kfold_resumes_after_sigkill(ray_session, results, cifar_dir, cli):
+    args = kfold_args(cifar_dir, results, "kf_killed", "--num-samples", 2, "--no-report")
+    _kill_midway(args, results / "kf_killed", ray_session)
+    rc, _, err = cli(*args, "--resume")
+    assert rc == 0, err
+    folds = pd.read_csv(results / "kf_killed" / "kfold_folds.csv")
+    assert len(folds) == 6 and set(folds["status"]) == {"completed"}
+    assert not folds.duplicated(["config", "fold"]).any()
+
+
+@pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
+def test_export_gives_the_same_predictions(first_search, cifar, fmt, cli):
+    rc, out, err = cli("export", str(first_search), "--format", fmt)
+    assert rc == 0, err
+    path = Path(out.strip().splitlines()[-1])
+    meta = json.loads(path.with_name(path.name + ".json").read_text())
+    assert meta["resolution"] == 32 and len(meta["classes"]) == 10
+    from tune_cifar.data import to_model_input
+    from tune_cifar.export import load_trained
+    model, _, _ = load_trained(first_search)
+    x = to_model_input(torch.from_numpy(cifar.test_x[:256]), meta["resolution"])
+    with torch.no_grad():
+        expected = model(x).argmax(1).numpy()
+    if fmt == "pt":
+        from tune_cifar.models import architecture
+        m = architecture("simple_cnn", "scratch", 10, 16)
+        m.load_state_dict(torch.load(path, weights_only=True)["model"])
+        got = m.eval()(x).argmax(1).detach().numpy()
+    elif fmt == "torchscript":
+        got = torch.jit.load(str(path))(x).argmax(1).detach().numpy()
+    else:
+        import onnxruntime
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"image": x.numpy()})[0].argmax(1)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_compare_gathers_the_modes(first_search, results, cli):
+    rc, out, err = cli("compare", "simple_cnn", "--results-dir", results)
+    assert rc == 0, err
+    table = pd.read_csv(results / "compare_simple_cnn" / "compare.csv")
+    assert table.set_index("mode").loc["scratch", "test_acc"] > 0.1
+    assert is_png(results / "compare_simple_cnn" / "compare.png")
