@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from tune_cifar.config import TrainConfig, UserError
-from tune_cifar.data import (CLASSES, augment_batch, kfold_splits, load_cifar10, prepare, stratified_subset,
-                             to_model_input, train_val_split)
+from tune_cifar.data import (
+    CLASSES,
+    augment_batch,
+    kfold_splits,
+    load_cifar10,
+    prepare,
+    stratified_subset,
+    to_model_input,
+    train_val_split,
+)
 
 
 def test_counts_balance_and_pixel_statistics(cifar):

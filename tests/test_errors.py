@@ -7,10 +7,10 @@ import math
 
 import pytest
 import yaml
+from conftest import ROOT, TINY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TINY
 from tune_cifar.config import UserError
 from tune_cifar.spaces import DISTRIBUTIONS, parse_space
 
@@ -78,7 +78,8 @@ def bad_cli_cases(tmp_path, cifar_dir):
     d = ["--data-dir", cifar_dir]
     return [
         (["kfold", TINY, "--k", "1", *d], "--k=1: K-fold needs at least 2 folds"),
-        (["kfold", TINY, "--k", "30", "--subset", "200", *d], "--k=30 is larger than the 20 images of the rarest class"),
+        (["kfold", TINY, "--k", "30", "--subset", "200", *d],
+         "--k=30 is larger than the 20 images of the rarest class"),
         (["search", TINY, "--subset", "-5", *d], "--subset=-5 must be positive"),
         (["search", TINY, "--subset", "15", *d], "--subset=15 is too small"),
         (["kfold", TINY, "--subset", "15", *d], "--subset=15 is too small"),
@@ -174,3 +175,10 @@ def test_every_shipped_space_is_valid():
         spec = load_space(name)
         assert {"lr", "optimizer", "batch_size"} <= set(spec.space)
     assert load_space("simple_cnn").name == "simple_cnn_scratch"
+
+
+def test_exposed_dashboard_is_warned_about():
+    from tune_cifar.tuning import RayOptions, exposed_dashboard_warning
+    assert exposed_dashboard_warning(RayOptions(dashboard=True)) is None          # 127.0.0.1 by default
+    warning = exposed_dashboard_warning(RayOptions(dashboard=True, dashboard_host="0.0.0.0"))
+    assert "CVE-2023-48022" in warning and "0.0.0.0" in warning

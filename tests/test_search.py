@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT, TINY
 
 OK = {"completed", "stopped", "early_stopped"}
@@ -57,7 +56,8 @@ def test_search_writes_consistent_results(first_search):
     for _, t in trials.iterrows():                       # history holds every reported round of every trial
         h = history[history["trial_id"] == t["trial_id"]]
         assert len(h) == t["rounds"] and h["round"].tolist() == list(range(1, t["rounds"] + 1))
-        assert abs(h["val_acc"].max() - t["best_val_acc"]) < 1e-9 and abs(h["val_acc"].iloc[-1] - t["last_val_acc"]) < 1e-9
+        assert h["val_acc"].max() == pytest.approx(t["best_val_acc"])
+        assert h["val_acc"].iloc[-1] == pytest.approx(t["last_val_acc"])
     best = json.loads((exp / "best.json").read_text())
     assert best["val_acc"] == trials["last_val_acc"].max()
     assert 0.1 < best["test_acc"] <= 1

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torchvision
-
 from conftest import run_cli
+
 from tune_cifar.config import TrainConfig
 from tune_cifar.data import load_for
-from tune_cifar.train import fit, evaluate_test
+from tune_cifar.train import evaluate_test, fit
 
 
 def test_train_command_learns(cifar_dir, tmp_path):
@@ -19,7 +20,7 @@ def test_train_command_learns(cifar_dir, tmp_path):
     last = out.strip().splitlines()[-1]
     assert last.startswith("test_acc=")
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
-    assert metrics["test_acc"] == float(last.split("=")[1]) or abs(metrics["test_acc"] - float(last.split("=")[1])) < 1e-4
+    assert metrics["test_acc"] == pytest.approx(float(last.split("=")[1]), abs=1e-4)
     assert metrics["test_acc"] > 0.35                      # chance is 0.10
     assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
     assert sum(map(sum, metrics["confusion_matrix"])) == 10_000

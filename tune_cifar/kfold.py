@@ -11,44 +11,35 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, UserError
-from .results import (RAY_DIR, experiment_dir, read_json, start_experiment, write_csv, write_json,
-                      write_yaml)
-from .search import check_data, check_gpu_request, check_weights, fault_injection, resolve_data_dir
+from .results import RAY_DIR, experiment_dir, read_json, start_experiment, write_csv, write_json, write_yaml
 from .spaces import SearchSpec, check_value, load_space
-from .tuning import (Phases, RayOptions, result_loggers, run_tuner, start_ray, stop_ray, threads_for,
-                     trial_resources, trial_rows)
+from .tuning import (
+    Phases,
+    RunOptions,
+    fault_injection,
+    prepare_base,
+    result_loggers,
+    run_tuner,
+    start_ray,
+    stop_ray,
+    trial_rows,
+    tune_path,
+)
 
 
 @dataclass
-class KFoldOptions:
-    results_dir: Path = Path("results")
-    name: str | None = None
+class KFoldOptions(RunOptions):
     k: int = 5
     epochs: int | None = None
     num_samples: int | None = None
     from_search: str | None = None
     top: int = 3
     fixed: dict[str, Any] = field(default_factory=dict)
-    data_dir: str | None = None
-    subset: int | None = None
-    download: bool = False
-    weights: str | None = None
-    gpus_per_trial: float | None = None
-    cpus_per_trial: float | None = None
-    seed: int = 0
-    max_failures: int = 2
-    time_budget: float | None = None
-    resume: bool = False
-    overwrite: bool = False
-    report: bool = True
-    ray: RayOptions = field(default_factory=RayOptions)
-    started: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -113,19 +104,8 @@ def plan_kfold(name: str, opts: KFoldOptions) -> KFoldPlan:
         raise UserError(f"--top={opts.top} must be at least 1")
     if opts.epochs is not None and opts.epochs < 1:
         raise UserError(f"--epochs={opts.epochs} must be at least 1")
-    if opts.subset is not None and opts.subset < 1:
-        raise UserError(f"--subset={opts.subset} must be positive")
-    check_gpu_request(opts.gpus_per_trial, opts.ray)
-    resources = trial_resources(opts.gpus_per_trial if opts.gpus_per_trial is not None else spec.resources.gpu,
-                                opts.cpus_per_trial if opts.cpus_per_trial is not None else spec.resources.cpu)
-    data_dir = resolve_data_dir(opts.data_dir, opts.download)
-    base = spec.base.replace(epochs=opts.epochs or spec.budget.max_epochs, data_dir=data_dir, download=False,
-                             subset=opts.subset, seed=opts.seed, patience=0,
-                             threads=threads_for(resources) if not resources["gpu"] else None,
-                             weights=str(Path(opts.weights).resolve()) if opts.weights else spec.base.weights)
-    base.check("kfold")
-    check_data(base)
-    check_weights(base)
+    base, resources, _ = prepare_base(spec, opts, "kfold", epochs=opts.epochs or spec.budget.max_epochs,
+                                      subset=opts.subset, seed=opts.seed, patience=0)
 
     if opts.fixed:
         point = spec.default_point()
@@ -163,13 +143,12 @@ def make_tuner_factory(plan: KFoldPlan, trainable, time_budget_s: float | None):
                          _fold_index=tune.grid_search(list(range(plan.opts.k))))
         if plan.inject:
             constants["_inject"] = plan.inject
-        storage = (plan.opts.ray.storage.rstrip("/") + "/" + plan.exp.name) if plan.opts.ray.storage \
-            else str(plan.exp.resolve())
         return tune.Tuner(
             trainable, param_space=constants,
             tune_config=tune.TuneConfig(reuse_actors=True, time_budget_s=time_budget_s,
                                         trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=RAY_DIR, storage_path=storage, verbose=1, callbacks=result_loggers(),
+            run_config=tune.RunConfig(name=RAY_DIR, storage_path=tune_path(plan.exp, plan.opts.ray), verbose=1,
+                                      callbacks=result_loggers(),
                                       failure_config=tune.FailureConfig(max_failures=plan.opts.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     return make

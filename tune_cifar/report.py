@@ -12,12 +12,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")                                   # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from .config import UserError  # noqa: E402
-from .results import read_json, write_csv, write_png, write_text  # noqa: E402
+from .config import UserError
+from .results import read_json, write_csv, write_png, write_text
 
 TOP_CURVES = 4
 OK = ("completed", "stopped", "early_stopped")
@@ -269,7 +269,6 @@ def report_kfold(exp: Path) -> Path:
 def compare(model: str, results_dir: Path, run_missing: bool = False, data_dir: str | None = None,
             weights: str | None = None) -> pd.DataFrame:
     """scratch vs frozen vs full of one model, from the search experiments in results_dir."""
-    import yaml
     from .models import entry
     entry(model)
     rows = []
@@ -299,7 +298,8 @@ def compare(model: str, results_dir: Path, run_missing: bool = False, data_dir: 
     out = Path(results_dir) / f"compare_{model}"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "compare.csv", table)
-    write_text(out / "compare.md", f"# {model}: scratch vs frozen vs full\n\n{_markdown(table)}\n\n![compare](compare.png)\n")
+    write_text(out / "compare.md",
+               f"# {model}: scratch vs frozen vs full\n\n{_markdown(table)}\n\n![compare](compare.png)\n")
     done = table.dropna(subset=["test_acc"]) if "test_acc" in table else table.iloc[0:0]
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(done):

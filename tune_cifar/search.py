@@ -7,50 +7,48 @@ trials.csv, history.csv, best.json and best_model.pt through results.py.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, UserError
-from .results import (RAY_DIR, experiment_dir, read_json, start_experiment, write_csv, write_json,
-                      write_torch, write_yaml)
+from .results import (
+    RAY_DIR,
+    experiment_dir,
+    read_json,
+    start_experiment,
+    write_csv,
+    write_json,
+    write_torch,
+    write_yaml,
+)
 from .spaces import Budget, SearchSpec, asha_rounds, check_budget, check_rungs, load_space
-from .tuning import (Phases, RayOptions, result_loggers, run_tuner, start_ray, stop_ray, threads_for,
-                     trial_resources,
-                     trial_rows)
+from .tuning import (
+    Phases,
+    RunOptions,
+    fault_injection,
+    prepare_base,
+    result_loggers,
+    run_tuner,
+    start_ray,
+    stop_ray,
+    trial_rows,
+    tune_path,
+)
 
 METRIC, MODE = "val_acc", "max"
 QUICK = {"num_samples": 6, "max_epochs": 4, "subset": 10000}
 QUICK_BIG_MODEL = {"subset": 1000, "resolution": 64}     # pretrained nets at 224 px are slow on a CPU
-TIME_RESERVE = (20.0, 0.04)     # seconds + share of --time-budget kept for the test and the report
+TIME_RESERVE = (15.0, 0.02)     # seconds + share of --time-budget kept for the test, report, shut-down
 
 
 @dataclass
-class SearchOptions:
-    results_dir: Path = Path("results")
-    name: str | None = None
+class SearchOptions(RunOptions):
     num_samples: int | None = None
     max_epochs: int | None = None
     grace_period: float | None = None
-    time_budget: float | None = None
-    data_dir: str | None = None
-    subset: int | None = None
-    download: bool = False
-    weights: str | None = None
-    gpus_per_trial: float | None = None
-    cpus_per_trial: float | None = None
-    seed: int = 0
-    max_failures: int = 2
-    resume: bool = False
-    overwrite: bool = False
     quick: bool = False
-    report: bool = True
-    ray: RayOptions = field(default_factory=RayOptions)
-    started: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -64,54 +62,6 @@ class SearchPlan:
     @property
     def base(self) -> TrainConfig:
         return self.spec.base
-
-
-def resolve_data_dir(data_dir: str | None, download: bool) -> str:
-    """Find the data now (a clear error before Ray starts) and pin its absolute path for the workers."""
-    from .data import candidate_dirs, detect_layout, load_cifar10
-    for _, root in candidate_dirs(data_dir):
-        if detect_layout(root):
-            return str(root.resolve())
-    return load_cifar10(data_dir, download).source      # downloads, or raises the clear error
-
-
-def check_gpu_request(gpus_per_trial: float | None, ray_opts: RayOptions) -> None:
-    """An explicit --gpus-per-trial on a machine without GPUs is a mistake (a space file's default
-    GPU share is simply not used there). On a cluster, the GPUs may be on other nodes."""
-    from .tuning import gpus_present
-    if gpus_per_trial is not None and gpus_per_trial > 0 and not gpus_present() \
-            and not (ray_opts.address or os.environ.get("RAY_ADDRESS")):
-        raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: no GPU is visible on this machine "
-                        "(trials run on the CPU without the flag)")
-
-
-def check_data(cfg: TrainConfig) -> None:
-    from .data import check_subset, load_for
-    data = load_for(cfg.replace(subset=None))     # reads and validates every file once
-    import numpy as np
-    labels = np.concatenate([data.train.y.cpu().numpy(), data.val.y.cpu().numpy()])
-    check_subset(cfg.subset, labels)
-
-
-def check_weights(cfg: TrainConfig) -> None:
-    if cfg.mode != "scratch":
-        from .models import build_model
-        build_model(cfg.model, cfg.mode, 10, cfg.width, cfg.weights, cfg.download)
-
-
-def fault_injection() -> dict[str, Any]:
-    """TUNE_CIFAR_INJECT='{"raise": {"1": 2}, "nan": {"2": 1}}': the first trial raises at round 2 on
-    every attempt, the second trial's loss turns NaN at round 1 ("raise_once" fails only the first attempt).
-    For testing the search's resilience; never set in normal use."""
-    raw = os.environ.get("TUNE_CIFAR_INJECT")
-    if not raw:
-        return {}
-    try:
-        inject = json.loads(raw)
-        assert isinstance(inject, dict) and set(inject) <= {"raise", "raise_once", "nan"}
-        return inject
-    except (ValueError, AssertionError):
-        raise UserError("TUNE_CIFAR_INJECT must be JSON like {\"raise\": {\"1\": 2}, \"nan\": {\"2\": 1}}") from None
 
 
 def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
@@ -137,23 +87,11 @@ def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
                     time_budget_s=pick(opts.time_budget, "time_budget_s", b.time_budget_s))
     check_budget(budget, "--")
     check_rungs(budget, spec.base.evals_per_epoch, "--")
-    if opts.subset is not None and opts.subset < 0:
-        raise UserError(f"--subset={opts.subset} must be positive")
-    check_gpu_request(opts.gpus_per_trial, opts.ray)
-    resources = trial_resources(opts.gpus_per_trial if opts.gpus_per_trial is not None else spec.resources.gpu,
-                                opts.cpus_per_trial if opts.cpus_per_trial is not None else spec.resources.cpu)
-    data_dir = resolve_data_dir(opts.data_dir, opts.download)
-    changes: dict[str, Any] = {"epochs": budget.max_epochs, "data_dir": data_dir, "download": False,
-                               "subset": opts.subset if opts.subset is not None else quick.get("subset"),
-                               "threads": threads_for(resources) if not resources["gpu"] else None}
+    changes: dict[str, Any] = {"epochs": budget.max_epochs,
+                               "subset": opts.subset if opts.subset is not None else quick.get("subset")}
     if "resolution" in quick and spec.base.mode != "scratch":
         changes["resolution"] = quick["resolution"]
-    if opts.weights:
-        changes["weights"] = str(Path(opts.weights).resolve())
-    base = spec.base.replace(**changes)
-    base.check("search")
-    check_data(base)
-    check_weights(base)
+    base, resources, data_dir = prepare_base(spec, opts, "search", **changes)
     spec = dataclasses.replace(spec, base=base, budget=budget)
     exp = experiment_dir(opts.results_dir, opts.name or spec.name, resume=opts.resume, overwrite=opts.overwrite)
     return SearchPlan(spec, dataclasses.replace(opts, data_dir=data_dir), exp, resources, fault_injection())
@@ -187,19 +125,16 @@ def make_tuner_factory(plan: SearchPlan, trainable, time_budget_s: float | None)
                                         num_samples=spec.budget.num_samples, reuse_actors=True,
                                         time_budget_s=time_budget_s, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
-                name=RAY_DIR, storage_path=_storage(plan), verbose=1, callbacks=result_loggers(),
+                name=RAY_DIR, storage_path=tune_path(plan.exp, plan.opts.ray), verbose=1,
+                callbacks=result_loggers(),
                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     return make
 
 
-def _storage(plan: SearchPlan) -> str:
-    return (plan.opts.ray.storage.rstrip("/") + "/" + plan.exp.name) if plan.opts.ray.storage \
-        else str(plan.exp.resolve())
-
-
 def trainable_for(resources: dict[str, float]):
     from ray import tune
+
     from .trainable import run_trial
     return tune.with_resources(run_trial, resources)
 
@@ -235,8 +170,12 @@ def run_search(plan: SearchPlan) -> dict[str, Any]:
         from .report import write_report
         write_report(exp)
         phases.done("report")
-        summary["phases"] = phases.seconds
-        write_json(exp / "best.json", summary)
+    summary["phases"] = phases.seconds
+    summary["wall_s"] = round(phases.elapsed(), 1)
+    write_json(exp / "best.json", summary)
+    print("time per phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.seconds.items())
+          + f"; total {summary['wall_s']:.0f}s" + (f" of a {budget:g}s budget" if budget else ""))
+    print(f"test_acc={summary['test_acc']:.4f}")
     return summary
 
 
@@ -245,7 +184,7 @@ def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: d
     import torch
 
     from .data import load_for
-    from .train import model_from_state, evaluate_test
+    from .train import evaluate_test, model_from_state
     from .trainable import STATE_FILE
 
     spec, exp = plan.spec, plan.exp
@@ -294,5 +233,3 @@ def print_summary(trials, summary: dict[str, Any], searched: list[str]) -> None:
     print(top.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"\n{summary['trials']} trials ({', '.join(f'{v} {k}' for k, v in summary['status_counts'].items())}); "
           f"best {summary['best_trial']}: val_acc={summary['val_acc']:.4f} test_acc={summary['test_acc']:.4f}")
-    print("time per phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["phases"].items()))
-    print(f"test_acc={summary['test_acc']:.4f}")

@@ -17,7 +17,7 @@ from .spaces import check_value, load_space
 
 def plan_train(name: str, overrides: dict[str, Any], results_dir: Path, exp_name: str | None,
                resume: bool, overwrite: bool) -> tuple[TrainConfig, Path]:
-    from .search import check_data, check_weights, resolve_data_dir
+    from .tuning import check_data, check_weights, resolve_data_dir
     spec = load_space(name)
     point = spec.default_point()
     cfg = spec.base.replace(**point)
@@ -38,7 +38,7 @@ def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool) -> dic
     import torch
 
     from .data import load_for
-    from .train import fit, evaluate_test
+    from .train import evaluate_test, fit
 
     started = time.time()
     start_experiment(exp, overwrite=overwrite)

@@ -82,7 +82,8 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], device: torch.d
     return opt(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, **fused)
 
 
-def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer,
+                  total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     warm = max(1, int(cfg.warmup * total_steps)) if cfg.warmup > 0 else 0
     if cfg.schedule == "onecycle":
         # linear up to the peak over `warm` steps, then linearly down to ~0: the airbench recipe
@@ -126,13 +127,13 @@ def fit(cfg: TrainConfig, data: DeviceData, on_epoch: EpochCallback | None = Non
         backbone, trained = split_frozen(model, cfg.model)
         backbone.to(rt.device)
         feats = frozen_features(backbone, data, rt, key=(cfg.model, cfg.weights))
-        train_feed = lambda order: feats.train.batches(cfg.batch_size, cfg.augment, gen, order)  # noqa: E731
-        val_feed = lambda: feats.val.batches(1024)  # noqa: E731
+        train_feed = lambda order: feats.train.batches(cfg.batch_size, cfg.augment, gen, order)
+        val_feed = lambda: feats.val.batches(1024)
     else:
         trained = model
-        train_feed = lambda order: data.train.batches(  # noqa: E731
+        train_feed = lambda order: data.train.batches(
             cfg.batch_size, rt.resolution, cfg.augment, gen, order, channels_last=rt.channels_last)
-        val_feed = lambda: data.val.batches(  # noqa: E731
+        val_feed = lambda: data.val.batches(
             eval_batch(cfg), rt.resolution, channels_last=rt.channels_last)
     trained.to(rt.device)
     if rt.channels_last:

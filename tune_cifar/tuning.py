@@ -6,16 +6,17 @@ starts before the input has been checked.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import UserError
+from .config import TrainConfig, UserError
 from .results import RAY_DIR
 
 EXPOSED_DASHBOARD_WARNING = (
@@ -30,6 +31,27 @@ class RayOptions:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
     storage: str | None = None          # where Tune writes; None = the experiment folder
+
+
+@dataclass
+class RunOptions:
+    """The flags search and kfold share."""
+    results_dir: Path = Path("results")
+    name: str | None = None
+    data_dir: str | None = None
+    subset: int | None = None
+    download: bool = False
+    weights: str | None = None
+    gpus_per_trial: float | None = None
+    cpus_per_trial: float | None = None
+    seed: int = 0
+    max_failures: int = 2
+    time_budget: float | None = None
+    resume: bool = False
+    overwrite: bool = False
+    report: bool = True
+    ray: RayOptions = field(default_factory=RayOptions)
+    started: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -70,13 +92,87 @@ def threads_for(resources: dict[str, float]) -> int:
     return max(1, int(resources["cpu"]))
 
 
+def exposed_dashboard_warning(opts: RayOptions) -> str | None:
+    if opts.dashboard and opts.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        return EXPOSED_DASHBOARD_WARNING.format(host=opts.dashboard_host)
+    return None
+
+
+def resolve_data_dir(data_dir: str | None, download: bool) -> str:
+    """Find the data now (a clear error before Ray starts) and pin its absolute path for the workers."""
+    from .data import candidate_dirs, detect_layout, load_cifar10
+    for _, root in candidate_dirs(data_dir):
+        if detect_layout(root):
+            return str(root.resolve())
+    return load_cifar10(data_dir, download).source      # downloads, or raises the clear error
+
+
+def check_gpu_request(gpus_per_trial: float | None, ray_opts: RayOptions) -> None:
+    """An explicit --gpus-per-trial on a machine without GPUs is a mistake (a space file's default
+    GPU share is simply not used there). On a cluster, the GPUs may be on other nodes."""
+    if gpus_per_trial is not None and gpus_per_trial > 0 and not gpus_present() \
+            and not (ray_opts.address or os.environ.get("RAY_ADDRESS")):
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: no GPU is visible on this machine "
+                        "(trials run on the CPU without the flag)")
+
+
+def check_data(cfg: TrainConfig) -> None:
+    from .data import check_subset, load_for
+    data = load_for(cfg.replace(subset=None))     # reads and validates every file once
+    import numpy as np
+    labels = np.concatenate([data.train.y.cpu().numpy(), data.val.y.cpu().numpy()])
+    check_subset(cfg.subset, labels)
+
+
+def check_weights(cfg: TrainConfig) -> None:
+    if cfg.mode != "scratch":
+        from .models import build_model
+        build_model(cfg.model, cfg.mode, 10, cfg.width, cfg.weights, cfg.download)
+
+
+def fault_injection() -> dict[str, Any]:
+    """TUNE_CIFAR_INJECT='{"raise": {"1": 2}, "nan": {"2": 1}}': the first trial raises at round 2 on
+    every attempt, the second trial's loss turns NaN at round 1 ("raise_once" fails only the first attempt).
+    For testing the search's resilience; never set in normal use."""
+    raw = os.environ.get("TUNE_CIFAR_INJECT")
+    if not raw:
+        return {}
+    try:
+        inject = json.loads(raw)
+        assert isinstance(inject, dict) and set(inject) <= {"raise", "raise_once", "nan"}
+        return inject
+    except (ValueError, AssertionError):
+        raise UserError("TUNE_CIFAR_INJECT must be JSON like {\"raise\": {\"1\": 2}, \"nan\": {\"2\": 1}}") from None
+
+
+def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[TrainConfig, dict[str, float], str]:
+    """Check the flags search and kfold share, find the data, and pin the config every trial starts
+    from: (config, per-trial resources, absolute data folder). Nothing is written or started."""
+    if opts.subset is not None and opts.subset < 1:
+        raise UserError(f"--subset={opts.subset} must be positive")
+    check_gpu_request(opts.gpus_per_trial, opts.ray)
+    resources = trial_resources(opts.gpus_per_trial if opts.gpus_per_trial is not None else spec.resources.gpu,
+                                opts.cpus_per_trial if opts.cpus_per_trial is not None else spec.resources.cpu)
+    data_dir = resolve_data_dir(opts.data_dir, opts.download)
+    values: dict[str, Any] = {"data_dir": data_dir, "download": False,
+                              "threads": threads_for(resources) if not resources["gpu"] else None, **changes}
+    if opts.weights:
+        values["weights"] = str(Path(opts.weights).resolve())
+    base = spec.base.replace(**values)
+    base.check(where)
+    check_data(base)
+    check_weights(base)
+    return base, resources, data_dir
+
+
 def start_ray(opts: RayOptions) -> dict[str, Any]:
     """Join a cluster (--address / RAY_ADDRESS), reuse the Ray this process already runs, or start an
     embedded local Ray; returns its facts ("started": whether stop_ray should shut it down)."""
     import ray
 
-    if opts.dashboard and opts.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
-        print(EXPOSED_DASHBOARD_WARNING.format(host=opts.dashboard_host), file=sys.stderr, flush=True)
+    warning = exposed_dashboard_warning(opts)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # CSV + JSON only: result_loggers()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -115,7 +211,13 @@ def stop_ray(facts: dict[str, Any] | None) -> None:
 
 
 def tune_path(exp: Path, opts: RayOptions) -> str:
-    return f"{opts.storage.rstrip('/')}/{exp.name}" if opts.storage else str(exp.resolve())
+    """Where Ray Tune keeps this experiment: --storage (a shared folder or a URI such as s3://...)
+    when every node must reach it, else the experiment folder itself."""
+    if not opts.storage:
+        return str(exp.resolve())
+    if "://" in opts.storage:
+        return f"{opts.storage.rstrip('/')}/{exp.name}"
+    return str(Path(opts.storage).resolve() / exp.name)
 
 
 def run_tuner(make_tuner, exp: Path, opts: RayOptions, trainable, resume: bool):
@@ -144,7 +246,7 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
     """(one row per trial, one row per trial x round) from a ResultGrid.
 
     status: completed | stopped (by ASHA or the time budget) | early_stopped (patience) | diverged
-            | oom | error (raised more often than --max-failures allows)
+            | oom | error (raised more often than --max-failures allows) | not_run (no round before the end)
     """
     import pandas as pd
 
@@ -158,6 +260,8 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
         status = metrics.get("status", "running")
         if result.error is not None:
             status = "error"
+        elif rounds == 0:
+            status = "not_run"          # cut by the time budget (or an interruption) before its first round
         elif status == "running":
             status = "completed" if max_rounds is not None and rounds >= max_rounds else "stopped"
         vals = df["val_acc"].dropna() if "val_acc" in df else pd.Series(dtype=float)
@@ -171,7 +275,8 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
                     "epochs": metrics.get("epoch", 0.0) if status != "error" else (
                         float(df["epoch"].iloc[-1]) if "epoch" in df and len(df) else 0.0),
                     "rounds": rounds, "seconds": round(float(metrics.get("time_total_s") or 0.0), 2),
-                    "node": metrics.get("node_ip", ""), "error": metrics.get("error") or last_line(result.error),
+                    "node": metrics.get("node") or metrics.get("node_ip", ""),
+                    "error": metrics.get("error") or last_line(result.error),
                     "path": result.path})
         rows.append(row)
         keep = [c for c in ("training_iteration", "round", "epoch", "train_loss", "train_acc", "val_loss",
