@@ -233,3 +233,15 @@ def test_compare_gathers_the_modes(first_search, results, cli):
     table = pd.read_csv(results / "compare_simple_cnn" / "compare.csv")
     assert table.set_index("mode").loc["scratch", "test_acc"] > 0.1
     assert is_png(results / "compare_simple_cnn" / "compare.png")
+
+
+def test_time_budget_stops_the_search_and_keeps_the_results(ray_session, results, cifar_dir, cli):
+    rc, out, err = cli(*search_args(cifar_dir, results, "budget", "--num-samples", 200, "--time-budget", 45,
+                                    "--no-report"))
+    assert rc == 0, err
+    best = json.loads((results / "budget" / "best.json").read_text())
+    trials = pd.read_csv(results / "budget" / "trials.csv")
+    assert len(trials) < 200                                   # the budget, not num_samples, ended it
+    assert {"validate", "search", "test"} <= set(best["phases"]) and "of a 45s budget" in out
+    assert best["wall_s"] < 45 * 1.5                           # loose: the exact margin is a benchmark
+    assert (results / "budget" / "best_model.pt").is_file() and best["test_acc"] > 0.1

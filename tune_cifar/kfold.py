@@ -10,13 +10,21 @@ interrupted run continues with --resume.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, UserError
-from .results import RAY_DIR, experiment_dir, read_json, start_experiment, write_csv, write_json, write_yaml
+from .results import (
+    RAY_DIR,
+    command_line,
+    experiment_dir,
+    read_json,
+    start_experiment,
+    write_csv,
+    write_json,
+    write_yaml,
+)
 from .spaces import SearchSpec, check_value, load_space
 from .tuning import (
     Phases,
@@ -162,7 +170,7 @@ def run_kfold(plan: KFoldPlan) -> Any:
     phases = Phases(opts.started)
     start_experiment(exp, overwrite=opts.overwrite)
     if not opts.resume:
-        write_yaml(exp / "spec.yaml", {"command": " ".join(sys.argv), "kind": "kfold", "k": opts.k,
+        write_yaml(exp / "spec.yaml", {"command": command_line(), "kind": "kfold", "k": opts.k,
                                        **plan.spec.to_dict(), "base": plan.base.to_dict(),
                                        "candidates": plan.candidates})
         write_json(exp / "plan.json", {"k": opts.k, "base": plan.base.to_dict(), "candidates": plan.candidates,

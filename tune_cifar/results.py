@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,11 @@ import yaml
 from .config import UserError
 
 RAY_DIR = "tune"
+
+
+def command_line() -> str:
+    """The command that made an experiment, as a user would type it again."""
+    return "python -m tune_cifar " + shlex.join(sys.argv[1:])
 
 
 def _atomic(path: Path, write) -> Path:

@@ -7,7 +7,6 @@ trials.csv, history.csv, best.json and best_model.pt through results.py.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from .config import TrainConfig, UserError
 from .results import (
     RAY_DIR,
+    command_line,
     experiment_dir,
     read_json,
     start_experiment,
@@ -40,6 +40,7 @@ from .tuning import (
 METRIC, MODE = "val_acc", "max"
 QUICK = {"num_samples": 6, "max_epochs": 4, "subset": 10000}
 QUICK_BIG_MODEL = {"subset": 1000, "resolution": 64}     # pretrained nets at 224 px are slow on a CPU
+BUDGETED_SAMPLES = 1000        # trials a --time-budget search may propose (the budget ends it first)
 TIME_RESERVE = (15.0, 0.02)     # seconds + share of --time-budget kept for the test, report, shut-down
 
 
@@ -85,6 +86,9 @@ def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
                     reduction_factor=b.reduction_factor,
                     num_samples=pick(opts.num_samples, "num_samples", b.num_samples),
                     time_budget_s=pick(opts.time_budget, "time_budget_s", b.time_budget_s))
+    if budget.time_budget_s is not None and opts.num_samples is None:
+        # with a clock, the clock ends the search: keep proposing trials until it runs out
+        budget = dataclasses.replace(budget, num_samples=max(budget.num_samples, BUDGETED_SAMPLES))
     check_budget(budget, "--")
     check_rungs(budget, spec.base.evals_per_epoch, "--")
     changes: dict[str, Any] = {"epochs": budget.max_epochs,
@@ -144,7 +148,7 @@ def run_search(plan: SearchPlan) -> dict[str, Any]:
     phases = Phases(opts.started)
     start_experiment(exp, overwrite=opts.overwrite)
     if not opts.resume:
-        write_yaml(exp / "spec.yaml", {"command": " ".join(sys.argv), **spec.to_dict()})
+        write_yaml(exp / "spec.yaml", {"command": command_line(), **spec.to_dict()})
         write_json(exp / "plan.json", {"options": {k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(opts).items() if k != "ray"},
                                        "resources": plan.resources})

@@ -5,13 +5,12 @@ RESULTS/EXP/model.pt; `--resume` continues from RESULTS/EXP/checkpoint.pt, saved
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, UserError
-from .results import experiment_dir, start_experiment, write_json, write_torch, write_yaml
+from .results import command_line, experiment_dir, start_experiment, write_json, write_torch, write_yaml
 from .spaces import check_value, load_space
 
 
@@ -47,7 +46,7 @@ def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool) -> dic
         state = torch.load(exp / "checkpoint.pt", map_location="cpu", weights_only=False)
         cfg = TrainConfig.from_dict(state["config"], where=str(exp / "checkpoint.pt"))
     else:
-        write_yaml(exp / "spec.yaml", {"command": " ".join(sys.argv), "config": cfg.to_dict()})
+        write_yaml(exp / "spec.yaml", {"command": command_line(), "config": cfg.to_dict()})
     data = load_for(cfg)
     print(f"{cfg.model} {cfg.mode}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "
           f"images from {data.source}", flush=True)
