@@ -107,8 +107,9 @@ def test_same_seed_same_configurations(first_search, results, cifar_dir, cli):
 
 
 def test_faulty_trials_are_contained(ray_session, results, cifar_dir, cli, monkeypatch):
-    monkeypatch.setenv("TUNE_CIFAR_INJECT", json.dumps({"raise": {"2": 1}, "nan": {"3": 1}, "raise_once": {"4": 2}}))
-    rc, out, err = cli(*search_args(cifar_dir, results, "faults", "--num-samples", 5, "--max-failures", 1,
+    monkeypatch.setenv("TUNE_CIFAR_INJECT", json.dumps({"raise": {"2": 1}, "nan": {"3": 1}, "raise_once": {"4": 2},
+                                                        "oom": {"6": 1}}))
+    rc, out, err = cli(*search_args(cifar_dir, results, "faults", "--num-samples", 6, "--max-failures", 1,
                                     "--grace-period", 2, "--no-report"))
     assert rc == 0, err
     trials = pd.read_csv(results / "faults" / "trials.csv").set_index("trial")
@@ -117,6 +118,7 @@ def test_faulty_trials_are_contained(ray_session, results, cifar_dir, cli, monke
     assert trials.loc[4, "status"] == "completed"              # retried from its checkpoint, then finished
     history = pd.read_csv(results / "faults" / "history.csv")
     assert history[history["trial_id"] == trials.loc[4, "trial_id"]]["round"].tolist() == [1, 2, 3, 4]
+    assert trials.loc[6, "status"] == "oom" and "smaller batch size" in trials.loc[6, "error"]
     assert {1, 5} <= set(trials.index[trials["status"].isin(OK)])
 
 

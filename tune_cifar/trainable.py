@@ -70,10 +70,13 @@ def run_trial(config: dict[str, Any]) -> None:
     if resume is None:
         raise_at = inject.get("raise_once", {}).get(str(me), raise_at)   # fails on the first only
     nan_at = inject.get("nan", {}).get(str(me))
+    oom_at = inject.get("oom", {}).get(str(me))
 
     def on_epoch(record: dict[str, Any], state) -> None:
         if raise_at is not None and record["round"] >= raise_at:
             raise InjectedFault(f"injected fault in trial {me} at round {raise_at}")
+        if oom_at is not None and record["round"] >= oom_at:
+            raise torch.cuda.OutOfMemoryError(f"injected out-of-memory in trial {me}")
         with tempfile.TemporaryDirectory() as d:
             torch.save(state(), os.path.join(d, STATE_FILE))
             tune.report(metrics_of(record), checkpoint=tune.Checkpoint.from_directory(d))

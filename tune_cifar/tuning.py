@@ -132,14 +132,15 @@ def check_weights(cfg: TrainConfig) -> None:
 
 def fault_injection() -> dict[str, Any]:
     """TUNE_CIFAR_INJECT='{"raise": {"1": 2}, "nan": {"2": 1}}': the first trial raises at round 2 on
-    every attempt, the second trial's loss turns NaN at round 1 ("raise_once" fails only the first attempt).
+    every attempt, the second trial's loss turns NaN at round 1 ("raise_once" fails only the first attempt,
+    "oom" raises CUDA's out-of-memory error).
     For testing the search's resilience; never set in normal use."""
     raw = os.environ.get("TUNE_CIFAR_INJECT")
     if not raw:
         return {}
     try:
         inject = json.loads(raw)
-        assert isinstance(inject, dict) and set(inject) <= {"raise", "raise_once", "nan"}
+        assert isinstance(inject, dict) and set(inject) <= {"raise", "raise_once", "nan", "oom"}
         return inject
     except (ValueError, AssertionError):
         raise UserError("TUNE_CIFAR_INJECT must be JSON like {\"raise\": {\"1\": 2}, \"nan\": {\"2\": 1}}") from None
