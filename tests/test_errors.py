@@ -182,3 +182,18 @@ def test_exposed_dashboard_is_warned_about():
     assert exposed_dashboard_warning(RayOptions(dashboard=True)) is None          # 127.0.0.1 by default
     warning = exposed_dashboard_warning(RayOptions(dashboard=True, dashboard_host="0.0.0.0"))
     assert "CVE-2023-48022" in warning and "0.0.0.0" in warning
+
+
+def test_hyper_parameters_read_back_from_csv_keep_their_types(tmp_path):
+    """pandas reads an int column with a gap (a trial that never ran) as floats: 128 -> 128.0."""
+    from tune_cifar.kfold import configs_from_search
+    from tune_cifar.spaces import load_space
+    exp = tmp_path / "s"
+    exp.mkdir()
+    spec = load_space(TINY)
+    (exp / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict()))
+    (exp / "trials.csv").write_text("trial,status,lr,optimizer,batch_size,last_val_acc,rounds\n"
+                                    "1,completed,0.01,sgd,128,0.5,4\n2,not_run,,,,,0\n")
+    (config,) = configs_from_search(spec, tmp_path, "s", top=3)
+    assert config == {"lr": 0.01, "optimizer": "sgd", "batch_size": 128}
+    assert type(config["batch_size"]) is int

@@ -10,7 +10,7 @@ from conftest import run_cli
 
 from tune_cifar.config import TrainConfig
 from tune_cifar.data import load_for
-from tune_cifar.train import evaluate_test, fit
+from tune_cifar.train import Runtime, evaluate, evaluate_test, fit
 
 
 def test_train_command_learns(cifar_dir, tmp_path):
@@ -77,6 +77,8 @@ def test_frozen_mode_trains_the_head_on_cached_features(cifar_dir, tmp_path):
     # the head trained on cached features is the same model as the whole network on images
     from tune_cifar.features import _CACHE
     (_, feats), = _CACHE.values()
-    head_preds = result.model.fc(feats.test.views[0][:256].float()).argmax(1)
-    metrics = evaluate_test(result.model, cfg, data)
-    assert head_preds.tolist() == metrics["predictions"][:256]
+    head_preds = result.model.fc(feats.val.views[0].float()).argmax(1)
+    rt = Runtime.of(cfg)
+    _, _, whole_net_preds = evaluate(result.model, data.val.batches(100, rt.resolution, channels_last=True), rt)
+    assert head_preds.tolist() == whole_net_preds.tolist()
+    assert 0 <= evaluate_test(result.model, cfg, data)["test_acc"] <= 1

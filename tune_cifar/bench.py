@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig, UserError
+from .config import TrainConfig, UserError, typed
 from .results import write_json, write_text
 
 SCENARIOS = ("p1", "p2", "p3", "p4", "p5", "cpu_budget")
@@ -150,7 +150,7 @@ def plain_loop(exp: Path, subset: int | None) -> float:
     for _, t in trials.iterrows():
         if t["rounds"] == 0:
             continue
-        cfg = base.replace(**{k: (t[k].item() if hasattr(t[k], "item") else t[k]) for k in searched})
+        cfg = base.replace(**{k: typed(k, t[k]) for k in searched})
 
         def stop(record, _state, rounds=int(t["rounds"])):
             if record["round"] >= rounds:

@@ -135,3 +135,13 @@ def coerce(key: str, value: Any, where: str) -> Any:
     if not ok:
         raise UserError(f"{where}: {key}={value!r} must be of type {base}")
     return value
+
+
+def typed(key: str, value: Any) -> Any:
+    """A hyper-parameter read back from a CSV, in its field's type (pandas turns an int column with
+    a missing value into floats: batch_size 128 -> 128.0)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if _TYPES[key].startswith("int") and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

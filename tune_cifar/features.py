@@ -2,8 +2,9 @@
 
 In frozen mode nothing before the head changes between epochs or between trials, so the backbone's
 output is a pure function of (data set, model, resolution, weights). It is computed once — for every
-training image both as-is and horizontally flipped, for validation and test as-is — and each trial
-then trains only its head on these features.
+training image both as-is and horizontally flipped, for validation as-is — and each trial then trains
+only its head on these features. (The test set is not needed by trials: the best model is evaluated
+on test images once, at the end.)
 
 Augmentation in frozen mode: each epoch every training image is seen either plain or flipped, at
 random (the flip of `crop_flip` / `flip`). Random crops are not applied: they would need a backbone
@@ -47,7 +48,6 @@ class FeatureSplit:
 class FrozenFeatures:
     train: FeatureSplit
     val: FeatureSplit
-    test: FeatureSplit
 
 
 @torch.no_grad()
@@ -73,6 +73,5 @@ def frozen_features(backbone: nn.Module, data: DeviceData, rt, key: tuple[Any, .
             backbone.to(memory_format=torch.channels_last)
         _CACHE.clear()        # one feature set per process: a new data set or model replaces it
         _CACHE[full_key] = data, FrozenFeatures(_extract(backbone, data.train, rt, flips=True),
-                                                _extract(backbone, data.val, rt, flips=False),
-                                                _extract(backbone, data.test, rt, flips=False))
+                                                _extract(backbone, data.val, rt, flips=False))
     return _CACHE[full_key][1]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, UserError
+from .config import TrainConfig, UserError, typed
 from .results import (
     RAY_DIR,
     command_line,
@@ -89,7 +89,7 @@ def configs_from_search(spec: SearchSpec, results_dir: Path, exp_name: str, top:
     if ok.empty:
         raise UserError(f"--from-search {exp_name}: no successful trial in {exp}/trials.csv")
     keys = [k for k in searched["space"] if k in ok.columns]
-    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in ok[keys].to_dict("records")]
+    return [{k: typed(k, v) for k, v in row.items()} for row in ok[keys].to_dict("records")]
 
 
 def plan_kfold(name: str, opts: KFoldOptions) -> KFoldPlan:

@@ -202,7 +202,7 @@ def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: d
         raise UserError(f"{exp}: no trial finished successfully (see trials.csv for each trial's status and error)")
     best_row = ok.sort_values(["last_val_acc", "rounds"], ascending=False).iloc[0]
     best_result = next(r for r in results if r.path == best_row["path"])
-    params = {k: _plain(best_row[k]) for k in spec.space}
+    params = {k: best_result.config[k] for k in spec.space}     # exact types (the CSV row may hold 128.0)
     cfg = spec.base.replace(**params, seed=plan.opts.seed)
     with best_result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
@@ -224,10 +224,6 @@ def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: d
     write_json(exp / "best.json", summary)
     print_summary(trials, summary, list(spec.space))
     return summary
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") else v
 
 
 def print_summary(trials, summary: dict[str, Any], searched: list[str]) -> None:
