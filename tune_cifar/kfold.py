@@ -16,7 +16,6 @@ from typing import Any
 
 from .config import TrainConfig, UserError, typed
 from .results import (
-    RAY_DIR,
     command_line,
     experiment_dir,
     read_json,
@@ -31,12 +30,11 @@ from .tuning import (
     RunOptions,
     fault_injection,
     prepare_base,
-    result_loggers,
+    run_config,
     run_tuner,
     start_ray,
     stop_ray,
     trial_rows,
-    tune_path,
 )
 
 
@@ -155,10 +153,7 @@ def make_tuner_factory(plan: KFoldPlan, trainable, time_budget_s: float | None):
             trainable, param_space=constants,
             tune_config=tune.TuneConfig(reuse_actors=True, time_budget_s=time_budget_s,
                                         trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=RAY_DIR, storage_path=tune_path(plan.exp, plan.opts.ray), verbose=1,
-                                      callbacks=result_loggers(),
-                                      failure_config=tune.FailureConfig(max_failures=plan.opts.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+            run_config=run_config(plan.exp, plan.opts))
     return make
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from .config import TrainConfig, UserError
 from .results import (
-    RAY_DIR,
     command_line,
     experiment_dir,
     read_json,
@@ -29,12 +28,11 @@ from .tuning import (
     RunOptions,
     fault_injection,
     prepare_base,
-    result_loggers,
+    run_config,
     run_tuner,
     start_ray,
     stop_ray,
     trial_rows,
-    tune_path,
 )
 
 METRIC, MODE = "val_acc", "max"
@@ -128,11 +126,7 @@ def make_tuner_factory(plan: SearchPlan, trainable, time_budget_s: float | None)
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                         num_samples=spec.budget.num_samples, reuse_actors=True,
                                         time_budget_s=time_budget_s, trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(
-                name=RAY_DIR, storage_path=tune_path(plan.exp, plan.opts.ray), verbose=1,
-                callbacks=result_loggers(),
-                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+            run_config=run_config(plan.exp, opts))
     return make
 
 

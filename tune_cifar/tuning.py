@@ -175,7 +175,7 @@ def start_ray(opts: RayOptions) -> dict[str, Any]:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # CSV + JSON only: result_loggers()
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # CSV + JSON only: run_config()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     address = opts.address or os.environ.get("RAY_ADDRESS")
     started = not ray.is_initialized()
@@ -198,10 +198,16 @@ def start_ray(opts: RayOptions) -> dict[str, Any]:
             "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
 
 
-def result_loggers() -> list:
-    """progress.csv + result.json per trial (what --resume and trials.csv read); no TensorBoard."""
+def run_config(exp: Path, opts: RunOptions):
+    """Tune's run settings for an experiment: its storage, retries of crashing trials from their last
+    checkpoint, one checkpoint kept per trial, and progress.csv + result.json per trial (what --resume
+    and trials.csv read; no TensorBoard logger)."""
+    from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    return [CSVLoggerCallback(), JsonLoggerCallback()]
+    return tune.RunConfig(name=RAY_DIR, storage_path=tune_path(exp, opts.ray), verbose=1,
+                          callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+                          failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
 
 
 def stop_ray(facts: dict[str, Any] | None) -> None:
