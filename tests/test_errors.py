@@ -153,7 +153,7 @@ def test_validator_accepts_only_sound_spaces(space, grace, max_epochs):
         else:
             assert len(d.values) >= 1
         assert d.contains(spec.default_point()[key])
-        spec.config_for({key: spec.default_point()[key]}).check()
+        spec.base.replace(**{key: spec.default_point()[key]}).check()
     import optuna
     study = optuna.create_study()
     study.ask(spec.optuna_space())

@@ -24,13 +24,6 @@ def key_value(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), yaml.safe_load(value)
 
 
-def positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
-    return v
-
-
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="CIFAR-10 folder (cifar-10-batches-py/ or train/ + test/ class folders); "
                    "default: $TUNE_CIFAR_DATA, then ~/.cache/tune_cifar/data")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, UserError
+from .config import UserError
 from .results import (
     command_line,
     experiment_dir,
@@ -57,11 +57,6 @@ class SearchPlan:
     exp: Path
     resources: dict[str, float]
     inject: dict[str, Any]
-
-    @property
-    def base(self) -> TrainConfig:
-        return self.spec.base
-
 
 def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
     """Every check, before anything is written or started."""

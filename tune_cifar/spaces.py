@@ -98,9 +98,6 @@ class SearchSpec:
         """The known-good point of the file, completed with each range's centre."""
         return {k: self.default.get(k, d.center()) for k, d in self.space.items()}
 
-    def config_for(self, params: dict[str, Any]) -> TrainConfig:
-        return self.base.replace(**params)
-
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec, as written to an experiment's spec.yaml."""
         return {"name": self.name, "source": self.source, "description": self.description,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -36,7 +36,6 @@ class FitResult:
     status: str                        # completed | diverged | early_stopped
     history: list[dict[str, Any]]
     model: nn.Module
-    state: Callable[[], dict[str, Any]] = field(repr=False)
 
     @property
     def last(self) -> dict[str, Any]:
@@ -212,7 +211,7 @@ def fit(cfg: TrainConfig, data: DeviceData, on_epoch: EpochCallback | None = Non
             on_epoch(dict(record, status="running" if status == "completed" else status), state)
         if status != "completed":
             break
-    return FitResult(status, history, final_model(), state)
+    return FitResult(status, history, final_model())
 
 
 def eval_batch(cfg: TrainConfig) -> int:
