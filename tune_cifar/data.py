@@ -345,17 +345,27 @@ _LOADED: dict[tuple, Cifar] = {}
 _PREPARED: dict[tuple, DeviceData] = {}
 
 
+def _loaded(cfg, synthetic: bool = False) -> tuple[tuple, Cifar]:
+    """The data set a TrainConfig names, read from disk once per process (and its cache key)."""
+    source = ("synthetic",) if synthetic else (cfg.data_dir, os.environ.get("TUNE_CIFAR_DATA"), cfg.download)
+    if source not in _LOADED:
+        _LOADED.clear()
+        _LOADED[source] = load_cifar10(cfg.data_dir, cfg.download, synthetic)
+    return source, _LOADED[source]
+
+
+def training_labels(cfg) -> np.ndarray:
+    """Labels of all training images (subset and split not applied): reads and checks every file."""
+    return _loaded(cfg)[1].train_y
+
+
 def load_for(cfg, fold: tuple[int, int] | None = None, synthetic: bool = False) -> DeviceData:
     """The DeviceData a TrainConfig asks for, read from disk and moved to the device once per process.
 
     Ray reuses its worker processes between trials, so every trial after the first in a worker
     finds its data here already on the device.
     """
-    source = ("synthetic",) if synthetic else (cfg.data_dir, os.environ.get("TUNE_CIFAR_DATA"), cfg.download)
-    if source not in _LOADED:
-        _LOADED.clear()
-        _LOADED[source] = load_cifar10(cfg.data_dir, cfg.download, synthetic)
-    cifar = _LOADED[source]
+    source, cifar = _loaded(cfg, synthetic)
     device = device_of(cfg.device)
     key = source + (cfg.subset, cfg.val_fraction, cfg.split_seed, str(device), fold)
     if key not in _PREPARED:

@@ -126,9 +126,8 @@ def plan_kfold(name: str, opts: KFoldOptions) -> KFoldPlan:
     for c in candidates:
         base.replace(**c).check("kfold configuration")
 
-    from .data import load_for, stratified_subset
-    data = load_for(base.replace(subset=None))
-    labels = np.concatenate([data.train.y.cpu().numpy(), data.val.y.cpu().numpy()])
+    from .data import stratified_subset, training_labels
+    labels = training_labels(base)
     pool = labels[stratified_subset(labels, base.subset, base.split_seed)] if base.subset else labels
     smallest = int(np.bincount(pool).min())
     if opts.k > smallest:

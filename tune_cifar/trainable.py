@@ -92,7 +92,5 @@ def run_trial(config: dict[str, Any]) -> None:
 
 def metrics_of(record: dict[str, Any]) -> dict[str, Any]:
     import ray
-    out = dict(record, node=f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}")
-    if out.get("status") in ("diverged",):
-        out["val_acc"] = FAILED_VALUE
-    return out
+    # fit() already reports val_acc = 0.0 for a diverged round; add the node the trial ran on
+    return dict(record, node=f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}")

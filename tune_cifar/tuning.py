@@ -117,11 +117,8 @@ def check_gpu_request(gpus_per_trial: float | None, ray_opts: RayOptions) -> Non
 
 
 def check_data(cfg: TrainConfig) -> None:
-    from .data import check_subset, load_for
-    data = load_for(cfg.replace(subset=None))     # reads and validates every file once
-    import numpy as np
-    labels = np.concatenate([data.train.y.cpu().numpy(), data.val.y.cpu().numpy()])
-    check_subset(cfg.subset, labels)
+    from .data import check_subset, training_labels
+    check_subset(cfg.subset, training_labels(cfg))
 
 
 def check_weights(cfg: TrainConfig) -> None:
