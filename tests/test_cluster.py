@@ -18,9 +18,13 @@ def cluster():
 
 
 def test_search_and_kfold_use_both_nodes(cluster, cifar_dir, tmp_path):
+    # Tune reuses a finished trial's actor for the next pending trial, so a second node only gets work
+    # if its worker starts (Ray worker + `import torch`, seconds on a loaded 2-core machine) before the
+    # first node runs out of trials. Real trials last minutes; these are sized to last ~15 s each so
+    # that the test does not depend on that race.
     storage = tmp_path / "shared_storage"
     rc, out, err = run_cli("search", TINY, "--address", cluster.address, "--storage", storage,
-                           "--data-dir", cifar_dir, "--subset", 2000, "--num-samples", 4, "--max-epochs", 1,
+                           "--data-dir", cifar_dir, "--subset", 10000, "--num-samples", 4, "--max-epochs", 2,
                            "--results-dir", tmp_path / "results", "--name", "on_cluster", "--no-report")
     assert rc == 0, err[-3000:]
     trials = pd.read_csv(tmp_path / "results" / "on_cluster" / "trials.csv")
@@ -29,7 +33,7 @@ def test_search_and_kfold_use_both_nodes(cluster, cifar_dir, tmp_path):
     assert (tmp_path / "results" / "on_cluster" / "best.json").is_file()  # results came back to results/
 
     rc, out, err = run_cli("kfold", TINY, "--address", cluster.address, "--k", 2, "--data-dir", cifar_dir,
-                           "--subset", 1000, "--epochs", 1, "--results-dir", tmp_path / "results", "--name", "kf",
+                           "--subset", 8000, "--epochs", 2, "--results-dir", tmp_path / "results", "--name", "kf",
                            "--no-report")
     assert rc == 0, err[-3000:]
     folds = pd.read_csv(tmp_path / "results" / "kf" / "kfold_folds.csv")
