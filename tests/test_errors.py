@@ -86,6 +86,8 @@ def bad_cli_cases(tmp_path, cifar_dir):
         (["search", TINY, "--num-samples", "0", *d], "num_samples must be >= 1"),
         (["kfold", TINY, "--num-samples", "0", *d], "--num-samples=0 must be at least 1"),
         (["search", TINY, "--max-epochs", "1", "--grace-period", "2", *d], "grace_period=2.0 is above max_epochs=1"),
+        (["search", TINY, "--time-budget", "10", *d], "--time-budget=10: must be more than the 15s kept"),
+        (["kfold", TINY, "--time-budget", "-3", *d], "--time-budget=-3: must be more than"),
         (["search", TINY, "--gpus-per-trial", "0", *d], "gpu must be > 0"),
         (["search", TINY, "--gpus-per-trial", "2", *d], "--gpus-per-trial 2"),
         (["search", TINY, "--cpus-per-trial", "64", *d], "resources.cpu=64.0 is more than"),

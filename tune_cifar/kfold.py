@@ -15,26 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, UserError, typed
-from .results import (
-    command_line,
-    experiment_dir,
-    read_json,
-    start_experiment,
-    write_csv,
-    write_json,
-    write_yaml,
-)
+from .results import experiment_dir, read_json, write_csv, write_json
 from .spaces import SearchSpec, check_value, load_space
 from .tuning import (
-    Phases,
     RunOptions,
+    check_time_budget,
     fault_injection,
     prepare_base,
+    print_phases,
     run_config,
-    run_tuner,
-    start_ray,
-    stop_ray,
     trial_rows,
+    tune_experiment,
 )
 
 
@@ -110,6 +101,7 @@ def plan_kfold(name: str, opts: KFoldOptions) -> KFoldPlan:
         raise UserError(f"--top={opts.top} must be at least 1")
     if opts.epochs is not None and opts.epochs < 1:
         raise UserError(f"--epochs={opts.epochs} must be at least 1")
+    check_time_budget(opts.time_budget)
     base, resources, _ = prepare_base(spec, opts, "kfold", epochs=opts.epochs or spec.budget.max_epochs,
                                       subset=opts.subset, seed=opts.seed, patience=0)
 
@@ -137,8 +129,8 @@ def plan_kfold(name: str, opts: KFoldOptions) -> KFoldPlan:
     return KFoldPlan(spec, opts, base, candidates, exp, resources, fault_injection())
 
 
-def make_tuner_factory(plan: KFoldPlan, trainable, time_budget_s: float | None):
-    def make():
+def make_tuner_factory(plan: KFoldPlan, trainable):
+    def make(time_budget_s: float | None):
         from ray import tune
 
         from .trainable import trial_dirname
@@ -161,24 +153,12 @@ def run_kfold(plan: KFoldPlan) -> Any:
 
     from .trainable import run_trial
     opts, exp = plan.opts, plan.exp
-    phases = Phases(opts.started)
-    start_experiment(exp, overwrite=opts.overwrite)
-    if not opts.resume:
-        write_yaml(exp / "spec.yaml", {"command": command_line(), "kind": "kfold", "k": opts.k,
-                                       **plan.spec.to_dict(), "base": plan.base.to_dict(),
-                                       "candidates": plan.candidates})
-        write_json(exp / "plan.json", {"k": opts.k, "base": plan.base.to_dict(), "candidates": plan.candidates,
-                                       "resources": plan.resources})
-    phases.done("validate")
-    ray_facts = start_ray(opts.ray)
-    phases.done("ray_start")
-    budget = None if opts.time_budget is None else max(1.0, opts.time_budget - phases.elapsed() - 10)
     trainable = tune.with_resources(run_trial, plan.resources)
-    try:
-        results = run_tuner(make_tuner_factory(plan, trainable, budget), exp, opts.ray, trainable, opts.resume)
-        phases.done("folds")
-    finally:
-        stop_ray(ray_facts)
+    spec_file = {"kind": "kfold", "k": opts.k, **plan.spec.to_dict(), "base": plan.base.to_dict(),
+                 "candidates": plan.candidates}
+    plan_file = {"k": opts.k, "base": plan.base.to_dict(), "candidates": plan.candidates, "resources": plan.resources}
+    results, ray_facts, phases = tune_experiment(exp, opts, spec_file, plan_file, make_tuner_factory(plan, trainable),
+                                                 trainable, opts.time_budget, "folds")
     table = write_kfold_results(plan, results)
     if opts.report:
         from .report import write_report
@@ -186,7 +166,7 @@ def run_kfold(plan: KFoldPlan) -> Any:
         phases.done("report")
     write_json(exp / "kfold_summary.json", {"phases": phases.seconds, "ray": ray_facts, "k": opts.k,
                                             "configurations": len(plan.candidates)})
-    print("time per phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.seconds.items()))
+    print_phases(phases, opts.time_budget)
     return table
 
 

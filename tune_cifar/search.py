@@ -12,34 +12,24 @@ from pathlib import Path
 from typing import Any
 
 from .config import UserError
-from .results import (
-    command_line,
-    experiment_dir,
-    read_json,
-    start_experiment,
-    write_csv,
-    write_json,
-    write_torch,
-    write_yaml,
-)
+from .results import experiment_dir, read_json, write_csv, write_json, write_torch
 from .spaces import Budget, SearchSpec, asha_rounds, check_budget, check_rungs, load_space
 from .tuning import (
     Phases,
     RunOptions,
+    check_time_budget,
     fault_injection,
     prepare_base,
+    print_phases,
     run_config,
-    run_tuner,
-    start_ray,
-    stop_ray,
     trial_rows,
+    tune_experiment,
 )
 
 METRIC, MODE = "val_acc", "max"
 QUICK = {"num_samples": 6, "max_epochs": 4, "subset": 10000}
 QUICK_BIG_MODEL = {"subset": 1000, "resolution": 64}     # pretrained nets at 224 px are slow on a CPU
 BUDGETED_SAMPLES = 1000        # trials a --time-budget search may propose (the budget ends it first)
-TIME_RESERVE = (15.0, 0.02)     # seconds + share of --time-budget kept for the test, report, shut-down
 
 
 @dataclass
@@ -83,6 +73,8 @@ def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
         # with a clock, the clock ends the search: keep proposing trials until it runs out
         budget = dataclasses.replace(budget, num_samples=max(budget.num_samples, BUDGETED_SAMPLES))
     check_budget(budget, "--")
+    check_time_budget(budget.time_budget_s,
+                      "--time-budget" if opts.time_budget is not None else f"{spec.source}: budget.time_budget_s")
     check_rungs(budget, spec.base.evals_per_epoch, "--")
     changes: dict[str, Any] = {"epochs": budget.max_epochs,
                                "subset": opts.subset if opts.subset is not None else quick.get("subset")}
@@ -94,8 +86,8 @@ def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
     return SearchPlan(spec, dataclasses.replace(opts, data_dir=data_dir), exp, resources, fault_injection())
 
 
-def make_tuner_factory(plan: SearchPlan, trainable, time_budget_s: float | None):
-    def make():
+def make_tuner_factory(plan: SearchPlan, trainable):
+    def make(time_budget_s: float | None):
         import optuna
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
@@ -134,30 +126,12 @@ def trainable_for(resources: dict[str, float]):
 
 def run_search(plan: SearchPlan) -> dict[str, Any]:
     spec, opts, exp = plan.spec, plan.opts, plan.exp
-    phases = Phases(opts.started)
-    start_experiment(exp, overwrite=opts.overwrite)
-    if not opts.resume:
-        write_yaml(exp / "spec.yaml", {"command": command_line(), **spec.to_dict()})
-        write_json(exp / "plan.json", {"options": {k: (str(v) if isinstance(v, Path) else v)
-                                                   for k, v in vars(opts).items() if k != "ray"},
-                                       "resources": plan.resources})
-    phases.done("validate")
-    ray_facts = start_ray(opts.ray)
-    phases.done("ray_start")
-    budget = spec.budget.time_budget_s
-    tune_budget = None
-    if budget is not None:
-        reserve = TIME_RESERVE[0] + TIME_RESERVE[1] * budget
-        tune_budget = budget - phases.elapsed() - reserve
-        if tune_budget <= 0:
-            raise UserError(f"--time-budget {budget:g}s is used up before the search starts "
-                            f"({phases.elapsed():.0f}s for start-up, {reserve:.0f}s kept for the test)")
-    try:
-        results = run_tuner(make_tuner_factory(plan, trainable_for(plan.resources), tune_budget), exp, opts.ray,
-                            trainable_for(plan.resources), opts.resume)
-        phases.done("search")
-    finally:
-        stop_ray(ray_facts)
+    trainable = trainable_for(plan.resources)
+    plan_file = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "ray"},
+                 "resources": plan.resources}
+    results, ray_facts, phases = tune_experiment(
+        exp, opts, spec.to_dict(), plan_file, make_tuner_factory(plan, trainable), trainable,
+        spec.budget.time_budget_s, "search")
     summary = write_search_results(plan, results, phases, ray_facts)
     if opts.report:
         from .report import write_report
@@ -166,8 +140,7 @@ def run_search(plan: SearchPlan) -> dict[str, Any]:
     summary["phases"] = phases.seconds
     summary["wall_s"] = round(phases.elapsed(), 1)
     write_json(exp / "best.json", summary)
-    print("time per phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.seconds.items())
-          + f"; total {summary['wall_s']:.0f}s" + (f" of a {budget:g}s budget" if budget else ""))
+    print_phases(phases, spec.budget.time_budget_s)
     print(f"test_acc={summary['test_acc']:.4f}")
     return summary
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, UserError
-from .results import RAY_DIR
+from .results import RAY_DIR, command_line, start_experiment, write_json, write_yaml
 
+TIME_RESERVE = (15.0, 0.02)     # seconds + share of --time-budget kept for the test, report, shut-down
 EXPOSED_DASHBOARD_WARNING = (
     "warning: the Ray dashboard on {host} is reachable from the network: anyone who reaches it can "
     "run code on this machine (CVE-2023-48022, 'ShadowRay'); prefer 127.0.0.1 and an SSH tunnel")
@@ -236,6 +237,52 @@ def run_tuner(make_tuner, exp: Path, opts: RayOptions, trainable, resume: bool):
     else:
         tuner = make_tuner()
     return tuner.fit()
+
+
+def time_reserve(time_budget: float) -> float:
+    """Seconds of a --time-budget kept back from the trials for the test, the report and shut-down."""
+    return TIME_RESERVE[0] + TIME_RESERVE[1] * time_budget
+
+
+def check_time_budget(time_budget: float | None, where: str = "--time-budget") -> None:
+    if time_budget is not None and time_budget <= time_reserve(time_budget):
+        raise UserError(f"{where}={time_budget:g}: must be more than the {time_reserve(time_budget):.0f}s kept "
+                        "for the test, the report and shut-down")
+
+
+def tune_experiment(exp: Path, opts: RunOptions, spec: dict[str, Any], plan: dict[str, Any], make_tuner,
+                    trainable, time_budget: float | None, phase: str):
+    """The part of a search or kfold run that Ray does: create (or reopen, with --resume) the experiment
+    folder, write spec.yaml and plan.json once, start Ray, run or restore the Tuner within what is left
+    of --time-budget, stop Ray. make_tuner(seconds) builds a fresh Tuner. Returns the ResultGrid, Ray's
+    facts and the phases so far."""
+    phases = Phases(opts.started)
+    start_experiment(exp, overwrite=opts.overwrite)
+    if not opts.resume:
+        write_yaml(exp / "spec.yaml", {"command": command_line(), **spec})
+        write_json(exp / "plan.json", plan)
+    phases.done("validate")
+    ray_facts = start_ray(opts.ray)
+    phases.done("ray_start")
+    seconds = None
+    if time_budget is not None:
+        seconds = time_budget - phases.elapsed() - time_reserve(time_budget)
+        if seconds <= 0:
+            stop_ray(ray_facts)
+            raise UserError(f"--time-budget {time_budget:g}s is used up before the trials start "
+                            f"({phases.elapsed():.0f}s for start-up, {time_reserve(time_budget):.0f}s kept "
+                            "for the results)")
+    try:
+        results = run_tuner(lambda: make_tuner(seconds), exp, opts.ray, trainable, opts.resume)
+        phases.done(phase)
+    finally:
+        stop_ray(ray_facts)
+    return results, ray_facts, phases
+
+
+def print_phases(phases: Phases, time_budget: float | None = None) -> None:
+    print("time per phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.seconds.items())
+          + f"; total {phases.elapsed():.0f}s" + (f" of a {time_budget:g}s budget" if time_budget else ""))
 
 
 def last_line(error: BaseException | None) -> str:
