@@ -23,6 +23,7 @@ from .tuning import (
     fault_injection,
     prepare_base,
     print_phases,
+    ranked_trials,
     run_config,
     trial_rows,
     tune_experiment,
@@ -73,8 +74,7 @@ def configs_from_search(spec: SearchSpec, results_dir: Path, exp_name: str, top:
             raise UserError(f"--from-search {exp_name}: it searched {key}={searched['base'][key]}, "
                             f"not {getattr(spec.base, key)} of {spec.name}")
     trials = pd.read_csv(exp / "trials.csv")
-    ok = trials[trials["status"].isin(["completed", "stopped", "early_stopped"])].dropna(subset=["last_val_acc"])
-    ok = ok.sort_values(["last_val_acc", "rounds"], ascending=False).head(top)
+    ok = ranked_trials(trials).head(top)
     if ok.empty:
         raise UserError(f"--from-search {exp_name}: no successful trial in {exp}/trials.csv")
     keys = [k for k in searched["space"] if k in ok.columns]

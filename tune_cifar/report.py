@@ -18,9 +18,15 @@ import pandas as pd
 
 from .config import UserError
 from .results import read_json, write_csv, write_png, write_text
+from .tuning import SUCCEEDED, ranked_trials
 
 TOP_CURVES = 4
-OK = ("completed", "stopped", "early_stopped")
+
+
+def overfitting_gap(history: pd.DataFrame, trial_id: str) -> float:
+    """Train minus validation accuracy of a trial's last reported round (NaN if it reported none)."""
+    h = history[history["trial_id"] == trial_id]
+    return float(h["train_acc"].iloc[-1] - h["val_acc"].iloc[-1]) if len(h) else math.nan
 
 
 def experiment_path(results_dir: Path, name: str) -> Path:
@@ -74,7 +80,7 @@ def plot_history(trials: pd.DataFrame, path: Path) -> str:
     order = trials.assign(n=trials["trial_id"].astype(str)).reset_index(drop=True)
     acc = order["last_val_acc"].astype(float)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(range(1, len(acc) + 1), acc, c=["C0" if s in OK else "C3" for s in order["status"]], s=18)
+    ax.scatter(range(1, len(acc) + 1), acc, c=["C0" if s in SUCCEEDED else "C3" for s in order["status"]], s=18)
     ax.plot(range(1, len(acc) + 1), acc.fillna(0).cummax(), color="C2", label="best so far")
     ax.set(xlabel="trial (in the order the searcher proposed it)", ylabel="last validation accuracy",
            title="optimisation history")
@@ -84,7 +90,7 @@ def plot_history(trials: pd.DataFrame, path: Path) -> str:
 
 def plot_parallel(trials: pd.DataFrame, searched: list[str], path: Path) -> str:
     """Parallel coordinates: each hyper-parameter scaled to [0, 1] (log for ranges spanning > 10x)."""
-    ok = trials[trials["status"].isin(OK)].dropna(subset=["last_val_acc"])
+    ok = trials[trials["status"].isin(SUCCEEDED)].dropna(subset=["last_val_acc"])
     cols = []
     for key in searched:
         v = ok[key]
@@ -177,7 +183,7 @@ def write_report(exp: Path) -> Path:
     images: dict[str, str] = {}
     notes = []
 
-    ranked = trials[trials["status"].isin(OK)].sort_values("last_val_acc", ascending=False)
+    ranked = ranked_trials(trials)
     top = [best["best_trial"]] + [t for t in ranked["trial_id"] if t != best["best_trial"]][:TOP_CURVES - 1]
     images["Training curves (best and runners-up)"] = plot_curves(history, top, exp / "curves.png")
     images["Validation accuracy of every trial"] = plot_rungs(history, trials, exp / "trials_epochs.png")
@@ -199,8 +205,7 @@ def write_report(exp: Path) -> Path:
     write_csv(exp / "per_class.csv", table)
     images["Per-class precision / recall / F1 (test set)"] = plot_per_class(table, exp / "per_class.png")
 
-    h = history[history["trial_id"] == best["best_trial"]]
-    gap = float(h["train_acc"].iloc[-1] - h["val_acc"].iloc[-1]) if len(h) else math.nan
+    gap = overfitting_gap(history, best["best_trial"])
     cfg = best["config"]
     lines = [f"# {best['experiment']}", "",
              f"Command: `{spec.get('command', '?')}`", "",
@@ -286,14 +291,13 @@ def compare(model: str, results_dir: Path, run_missing: bool = False, data_dir: 
         best = read_json(exp / "best.json")
         trials = pd.read_csv(exp / "trials.csv", dtype={"trial_id": str})
         history = pd.read_csv(exp / "history.csv", dtype={"trial_id": str})
-        h = history[history["trial_id"] == best["best_trial"]]
         gpu = best.get("resources", {}).get("gpu", 0)
         search_s = best.get("phases", {}).get("search", float(trials["seconds"].sum()))
         rows.append({"mode": mode, "experiment": exp.name, "val_acc": best["val_acc"], "test_acc": best["test_acc"],
                      "wall_s": round(sum(best.get("phases", {}).values()), 1), "epochs": best["epochs"],
                      "trials": best["trials"], "gpu_hours": round(gpu * float(trials["seconds"].sum()) / 3600, 4),
                      "search_s": search_s,
-                     "overfit_gap": float(h["train_acc"].iloc[-1] - h["val_acc"].iloc[-1]) if len(h) else None})
+                     "overfit_gap": overfitting_gap(history, best["best_trial"])})
     table = pd.DataFrame(rows)
     out = Path(results_dir) / f"compare_{model}"
     out.mkdir(parents=True, exist_ok=True)

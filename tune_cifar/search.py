@@ -21,6 +21,7 @@ from .tuning import (
     fault_injection,
     prepare_base,
     print_phases,
+    ranked_trials,
     run_config,
     trial_rows,
     tune_experiment,
@@ -159,10 +160,10 @@ def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: d
     trials = pd.DataFrame(rows)
     write_csv(exp / "trials.csv", trials.drop(columns=["path"], errors="ignore"))
     write_csv(exp / "history.csv", pd.DataFrame(history))
-    ok = trials[trials["status"].isin(["completed", "stopped", "early_stopped"]) & trials["last_val_acc"].notna()]
-    if ok.empty:
+    ranked = ranked_trials(trials)
+    if ranked.empty:
         raise UserError(f"{exp}: no trial finished successfully (see trials.csv for each trial's status and error)")
-    best_row = ok.sort_values(["last_val_acc", "rounds"], ascending=False).iloc[0]
+    best_row = ranked.iloc[0]
     best_result = next(r for r in results if r.path == best_row["path"])
     params = {k: best_result.config[k] for k in spec.space}     # exact types (the CSV row may hold 128.0)
     cfg = spec.base.replace(**params, seed=plan.opts.seed)

@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -48,9 +49,15 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.experiment_tag.split('_', 1)[0]}_{trial.trial_id}"
 
 
+def trial_number(trial_dir: str | Path | None) -> int | None:
+    """n of a `trial_dirname` folder (None for a folder not named by it)."""
+    parts = Path(trial_dir or "").name.split("_")
+    return int(parts[1]) if len(parts) >= 2 and parts[0] == "trial" and parts[1].isdigit() else None
+
+
 def trial_index() -> int:
     """1, 2, 3, ... in the order Tune created the trials (read back from `trial_dirname`)."""
-    return int(Path(tune.get_context().get_trial_dir()).name.split("_")[1])
+    return trial_number(tune.get_context().get_trial_dir())
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -71,6 +78,7 @@ def run_trial(config: dict[str, Any]) -> None:
         raise_at = inject.get("raise_once", {}).get(str(me), raise_at)   # fails on the first only
     nan_at = inject.get("nan", {}).get(str(me))
     oom_at = inject.get("oom", {}).get(str(me))
+    node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
     def on_epoch(record: dict[str, Any], state) -> None:
         if raise_at is not None and record["round"] >= raise_at:
@@ -79,7 +87,8 @@ def run_trial(config: dict[str, Any]) -> None:
             raise torch.cuda.OutOfMemoryError(f"injected out-of-memory in trial {me}")
         with tempfile.TemporaryDirectory() as d:
             torch.save(state(), os.path.join(d, STATE_FILE))
-            tune.report(metrics_of(record), checkpoint=tune.Checkpoint.from_directory(d))
+            # fit() already reports val_acc = 0.0 for a diverged round; add the node the trial runs on
+            tune.report(dict(record, node=node), checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
         fit(cfg, data, on_epoch=on_epoch, resume=resume, poison_at=nan_at)
@@ -88,9 +97,3 @@ def run_trial(config: dict[str, Any]) -> None:
         tune.report({"val_acc": FAILED_VALUE, "status": "oom",
                      "error": f"CUDA out of memory at batch_size={cfg.batch_size}: use a smaller batch size "
                               "or a larger --gpus-per-trial (fewer trials per GPU)"})
-
-
-def metrics_of(record: dict[str, Any]) -> dict[str, Any]:
-    import ray
-    # fit() already reports val_acc = 0.0 for a diverged round; add the node the trial ran on
-    return dict(record, node=f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}")

@@ -19,6 +19,7 @@ from typing import Any
 from .config import TrainConfig, UserError
 from .results import RAY_DIR, command_line, start_experiment, write_json, write_yaml
 
+SUCCEEDED = ("completed", "stopped", "early_stopped")    # trial statuses that end with a usable val_acc
 TIME_RESERVE = (15.0, 0.02)     # seconds + share of --time-budget kept for the test, report, shut-down
 EXPOSED_DASHBOARD_WARNING = (
     "warning: the Ray dashboard on {host} is reachable from the network: anyone who reaches it can "
@@ -293,6 +294,13 @@ def last_line(error: BaseException | None) -> str:
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
+def ranked_trials(trials):
+    """The rows of trials.csv that finished with a validation accuracy, best first; of equals, the one
+    trained longer (what best.json, --from-search and the report call the best)."""
+    ok = trials[trials["status"].isin(SUCCEEDED)].dropna(subset=["last_val_acc"])
+    return ok.sort_values(["last_val_acc", "rounds"], ascending=False)
+
+
 def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[list[dict], list[dict]]:
     """(one row per trial, one row per trial x round) from a ResultGrid.
 
@@ -301,6 +309,7 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
     """
     import pandas as pd
 
+    from .trainable import trial_number
     rows, history = [], []
     for result in results:
         cfg = result.config or {}
@@ -316,9 +325,7 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
         elif status == "running":
             status = "completed" if max_rounds is not None and rounds >= max_rounds else "stopped"
         vals = df["val_acc"].dropna() if "val_acc" in df else pd.Series(dtype=float)
-        name = Path(result.path or "").name                   # trial_<n>_<id>, see trainable.trial_dirname
-        number = int(name.split("_")[1]) if name.startswith("trial_") and name.split("_")[1].isdigit() else None
-        row = {"trial": number, "trial_id": trial_id, "status": status}
+        row = {"trial": trial_number(result.path), "trial_id": trial_id, "status": status}
         row.update({k: cfg.get(k) for k in searched})
         row.update({"best_val_acc": float(vals.max()) if len(vals) else None,
                     "last_val_acc": float(vals.iloc[-1]) if len(vals) else None,
