@@ -145,9 +145,34 @@ def _kill_midway(args, exp: Path, gcs: str) -> None:
     assert not (exp / "trials.csv").exists()
 
 
+def _rounds_tune_saved(exp: Path) -> dict[str, int]:
+    """Per trial, the last round Tune had recorded with a checkpoint in its experiment state when the
+    driver died (0: none yet). Rounds reported after that snapshot are Tune's to run again on resume."""
+    from ray.tune import ExperimentAnalysis
+    analysis = ExperimentAnalysis(str(exp / "tune"))
+    saved = {}
+    for trial in analysis.trials:
+        checkpoint = analysis.get_last_checkpoint(trial)
+        saved[trial.trial_id] = 0
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                saved[trial.trial_id] = torch.load(Path(d) / "state.pt", weights_only=False)["round"]
+    return saved
+
+
+def _assert_saved_rounds_not_rerun(exp: Path, saved: dict[str, int]) -> None:
+    for trial_id, rounds in saved.items():
+        if not rounds:
+            continue
+        (trial_dir,) = (exp / "tune").glob(f"trial_*_{trial_id}")
+        ran = pd.read_csv(trial_dir / "progress.csv")["training_iteration"]
+        assert sorted(ran[ran <= rounds]) == list(range(1, rounds + 1)), (trial_id, rounds, ran.tolist())
+
+
 def test_search_resumes_after_sigkill(ray_session, results, cifar_dir, cli):
     args = search_args(cifar_dir, results, "killed", "--num-samples", 6, "--no-report")
     _kill_midway(args, results / "killed", ray_session)
+    saved = _rounds_tune_saved(results / "killed")
     rc, _, err = cli(*args)
     assert rc == 2 and "--resume" in err                       # neither --resume nor --overwrite: refused
     rc, out, err = cli(*args, "--resume")
@@ -155,7 +180,8 @@ def test_search_resumes_after_sigkill(ray_session, results, cifar_dir, cli):
     trials = pd.read_csv(results / "killed" / "trials.csv")
     assert len(trials) == 6 and set(trials["status"]) <= OK
     history = pd.read_csv(results / "killed" / "history.csv")
-    assert not history.duplicated(["trial_id", "round"]).any()     # no finished round was run again
+    _assert_saved_rounds_not_rerun(results / "killed", saved)     # no saved round was run again
+    assert not history.duplicated(["trial_id", "round"]).any()     # each round once, from the run that counts
     assert json.loads((results / "killed" / "best.json").read_text())["test_acc"] > 0.1
 
 
@@ -195,8 +221,10 @@ def test_kfold_from_search_and_explicit_set(first_search, results, cifar_dir, cl
 def test_kfold_resumes_after_sigkill(ray_session, results, cifar_dir, cli):
     args = kfold_args(cifar_dir, results, "kf_killed", "--num-samples", 2, "--no-report")
     _kill_midway(args, results / "kf_killed", ray_session)
+    saved = _rounds_tune_saved(results / "kf_killed")
     rc, _, err = cli(*args, "--resume")
     assert rc == 0, err
+    _assert_saved_rounds_not_rerun(results / "kf_killed", saved)
     folds = pd.read_csv(results / "kf_killed" / "kfold_folds.csv")
     assert len(folds) == 6 and set(folds["status"]) == {"completed"}
     assert not folds.duplicated(["config", "fold"]).any()

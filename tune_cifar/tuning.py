@@ -314,6 +314,10 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
     for result in results:
         cfg = result.config or {}
         df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        if "training_iteration" in df:
+            # After a --resume, Tune re-runs the rounds a trial reported after its last snapshot of the
+            # experiment and appends them to progress.csv again: keep the run that led to the result.
+            df = df.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path or "?").name
         rounds = int(metrics.get("training_iteration") or 0)
