@@ -54,6 +54,6 @@ def cli(capsys):
 def ray_session():
     """One local Ray per test module: starting it costs seconds and ~2.5 GiB."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

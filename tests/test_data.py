@@ -137,12 +137,10 @@ def test_image_folder_errors(tmp_path, cifar):
         for name in CLASSES:
             (tmp_path / split / name).mkdir(parents=True)
             Image.fromarray(cifar.train_x[0].transpose(1, 2, 0)).save(tmp_path / split / name / "a.png")
-    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "cat" / "big.png")
-    with pytest.raises(UserError, match="big.png: image is 40x40, expected 32x32"):
-        load_cifar10(tmp_path)
-    (tmp_path / "train" / "cat" / "big.png").unlink()
+    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "cat" / "big.png")     # any size: resized
+    assert load_cifar10(tmp_path).train_x.shape == (11, 3, 32, 32)
     (tmp_path / "test" / "truck").rename(tmp_path / "test" / "lorry")
-    with pytest.raises(UserError, match="class folders differ"):
+    with pytest.raises(UserError, match="class folders differ .*only in train/: truck; only in test/: lorry"):
         load_cifar10(tmp_path)
 
 
@@ -152,9 +150,163 @@ def test_missing_and_empty_data_folders(tmp_path, monkeypatch):
         load_cifar10(tmp_path / "nope")
     with pytest.raises(UserError, match="no CIFAR-10 found .*--data-dir"):
         load_cifar10(tmp_path)
+    with pytest.raises(UserError, match="no CIFAR-100 found .*cifar-100-python"):
+        load_cifar10(tmp_path, dataset="cifar100")
 
 
 def test_subset_too_small_for_stratification(cifar):
     with pytest.raises(UserError, match="too small"):
         prepare(cifar, 15, 0.1, 0, torch.device("cpu"))
     assert TrainConfig(subset=100).subset == 100
+
+
+# --------------------------------------------------------------------------- CIFAR-100
+
+def write_cifar100(folder, per_class=3, test_per_class=1, seed=0, key_type=bytes):
+    """The official `cifar-100-python/` layout (train, test, meta pickles; bytes keys as in the tarball),
+    with `per_class` random images of each of the 100 classes."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    names = [f"class_{i:03d}" for i in range(100)]
+    k = key_type if key_type is str else (lambda x: x.encode())
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        labels = np.repeat(np.arange(100), n)
+        rng.shuffle(labels)
+        batch = {k("data"): rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+                 k("fine_labels"): labels.tolist(), k("coarse_labels"): (labels // 5).tolist(),
+                 k("filenames"): [f"{i}.png" for i in range(len(labels))], k("batch_label"): split}
+        (folder / split).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {k("fine_label_names"): names, k("coarse_label_names"): [f"super_{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return names
+
+
+@pytest.mark.parametrize("key_type", [bytes, str])
+def test_cifar100_pickles_are_read_with_their_names(tmp_path, key_type):
+    names = write_cifar100(tmp_path / "cifar-100-python", key_type=key_type)
+    for where in (tmp_path, tmp_path / "cifar-100-python"):
+        data = load_cifar10(where)
+        assert data.classes == tuple(names) and len(data.classes) == 100
+        assert data.train_x.shape == (300, 3, 32, 32) and data.test_x.shape == (100, 3, 32, 32)
+        assert np.bincount(data.train_y).tolist() == [3] * 100
+        assert data.test_source.endswith("cifar-100-python/test")
+    raw = pickle.loads((tmp_path / "cifar-100-python" / "train").read_bytes())
+    np.testing.assert_array_equal(data.train_y, raw[key_type("fine_labels") if key_type is str else b"fine_labels"])
+
+
+def test_cifar100_next_to_cifar10_is_chosen_by_dataset(tmp_path, cifar_dir):
+    from tune_cifar.data import resolve_data_dir
+    write_cifar100(tmp_path / "cifar-100-python")
+    (tmp_path / "cifar-10-batches-py").symlink_to(cifar_dir / "cifar-10-batches-py")
+    assert len(load_cifar10(tmp_path, dataset="cifar100").classes) == 100
+    pinned = resolve_data_dir(str(tmp_path), False, "cifar100")
+    assert pinned == str((tmp_path / "cifar-100-python").resolve())
+    assert len(load_cifar10(pinned).classes) == 100          # what the workers read without --dataset
+    assert resolve_data_dir(str(tmp_path), False) == str(tmp_path.resolve())     # default: CIFAR-10 first
+    assert load_cifar10(tmp_path, dataset="cifar10").classes == CLASSES
+
+
+def test_cifar100_download_is_offered_offline(tmp_path, monkeypatch):
+    """Nothing on disk, downloads forbidden: the error names CIFAR-100 (with downloads allowed,
+    torchvision's CIFAR100 would fetch it into the cache; there is no network here)."""
+    import tune_cifar.data as data
+    monkeypatch.delenv("TUNE_CIFAR_DATA", raising=False)
+    monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
+    with pytest.raises(UserError, match="no CIFAR-100 found"):
+        data.resolve_data_dir(None, False, "cifar100")
+    fetched = []
+
+    class FakeCIFAR100:
+        def __init__(self, root, train, download):
+            fetched.append((root, train, download))
+            write_cifar100(tmp_path / "cache" / "cifar-100-python")
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
+    pinned = data.resolve_data_dir(None, True, "cifar100")
+    assert fetched == [(str(tmp_path / "cache"), True, True)]
+    assert pinned.endswith("cifar-100-python") and len(load_cifar10(pinned).classes) == 100
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("label_100", r"labels outside 0\.\.99"),
+    ("no_fine_labels", "no 'data' / 'fine_labels' keys"),
+    ("names_99", "99 fine_label_names, expected 100"),
+    ("missing_test", "test: missing CIFAR-100 pickle file"),
+])
+def test_damaged_cifar100_is_a_clear_error(tmp_path, damage, message):
+    folder = tmp_path / "cifar-100-python"
+    names = write_cifar100(folder)
+    if damage == "label_100":
+        batch = pickle.loads((folder / "train").read_bytes())
+        batch[b"fine_labels"][0] = 100
+        (folder / "train").write_bytes(pickle.dumps(batch))
+    elif damage == "no_fine_labels":
+        batch = pickle.loads((folder / "train").read_bytes())
+        batch[b"labels"] = batch.pop(b"fine_labels")
+        (folder / "train").write_bytes(pickle.dumps(batch))
+    elif damage == "names_99":
+        (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": names[:99]}))
+    else:
+        (folder / "test").unlink()
+    with pytest.raises(UserError, match=message) as e:
+        load_cifar10(tmp_path)
+    assert str(folder) in str(e.value)
+
+
+def test_cifar10_labels_are_checked_against_ten_classes(cifar_dir, tmp_path):
+    dst = _copy_batches(cifar_dir, tmp_path)
+    (dst / "data_batch_2").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}))
+    with pytest.raises(UserError, match=r"data_batch_2: labels outside 0\.\.9"):
+        load_cifar10(tmp_path)
+
+
+# --------------------------------------------------------------------------- streaming
+
+def test_streaming_decision():
+    from tune_cifar.data import streams
+    gib = 1 << 30
+    assert not streams(150 << 20, "cuda", 70 * gib)          # CIFAR: resident
+    assert not streams(int(7.5 * gib), "cuda", 70 * gib)     # 50,000 images at 224 px on an H100: resident
+    assert streams(int(7.5 * gib), "cuda", 10 * gib)         # ... on a 10 GiB card (half of 9 GiB free): streamed
+    assert not streams(4 * gib, "cuda", 9 * gib) and streams(4 * gib + 1, "cuda", 9 * gib)   # the exact edge
+    assert streams(1, "cuda", 512 << 20)                      # less free than the reserve
+    assert not streams(100 * gib, "cpu", None)                # the CPU's device is host memory: never
+    assert not streams(100 * gib, "cpu", 1)
+
+
+def test_streamed_split_gives_the_same_batches(cifar):
+    """The streamed path (host rows gathered into a staging buffer, copied per batch) yields exactly
+    the resident path's batches; here on the CPU, where prepare() itself never streams."""
+    cpu = torch.device("cpu")
+    resident = prepare(cifar, 600, 0.1, 0, cpu, stream=False)
+    streamed = prepare(cifar, 600, 0.1, 0, cpu, stream=True)
+    assert streamed.streamed and not resident.streamed and streamed.train.x.shape[0] == 50_000   # no copy
+    assert len(streamed.train) == len(resident.train) == 540 and len(streamed.test) == 10_000
+    order = torch.randperm(540, generator=torch.Generator().manual_seed(0))
+    for split, kw in (("train", dict(order=order, augment="crop_flip")), ("val", {}), ("test", {})):
+        a = list(getattr(resident, split).batches(128, 32, generator=torch.Generator().manual_seed(1), **kw))
+        b = list(getattr(streamed, split).batches(128, 32, generator=torch.Generator().manual_seed(1), **kw))
+        assert len(a) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_dataset_flag_trains_cifar100_through_the_cli(tmp_path, cli, monkeypatch):
+    import json
+
+    from conftest import TINY
+
+    import tune_cifar.data as data
+    monkeypatch.delenv("TUNE_CIFAR_DATA", raising=False)
+    monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
+    rc, _, err = cli("train", TINY, "--dataset", "cifar100", "--offline", "--results-dir", tmp_path / "r")
+    assert rc == 2 and "no CIFAR-100 found" in err and not (tmp_path / "r").exists()
+    names = write_cifar100(tmp_path / "both" / "cifar-100-python", per_class=10)
+    rc, out, err = cli("train", TINY, "--dataset", "cifar100", "--data-dir", tmp_path / "both", "--epochs", 1,
+                       "--offline", "--results-dir", tmp_path / "r", "--name", "c100")
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "r" / "c100" / "metrics.json").read_text())
+    assert [c["class"] for c in metrics["per_class"]] == names
+    assert np.array(metrics["confusion_matrix"]).shape == (100, 100)
+    assert metrics["config"]["data_dir"] == str((tmp_path / "both" / "cifar-100-python").resolve())
+    assert torch.load(tmp_path / "r" / "c100" / "model.pt", weights_only=True)["model"]["fc.weight"].shape[0] == 100

@@ -82,3 +82,26 @@ def test_no_weights_offline_names_the_cache_file_and_the_flag(tmp_path, monkeypa
 def test_simple_cnn_has_no_pretrained_modes():
     with pytest.raises(UserError, match="no pretrained weights"):
         build_model("simple_cnn", "frozen")
+
+
+@pytest.mark.parametrize("name, mode, num_classes", [("simple_cnn", "scratch", 3), ("resnet18", "scratch", 100),
+                                                     ("alexnet", "frozen", 100), ("vgg16", "full", 3),
+                                                     ("resnet18", "full", 2)])
+def test_the_head_has_one_output_per_class(name, mode, num_classes, weights_files, tmp_path):
+    """Any number of classes (image folders, CIFAR-100): built, saved and rebuilt for export."""
+    from tune_cifar.config import TrainConfig
+    from tune_cifar.export import load_trained
+    from tune_cifar.models import architecture
+    weights = str(weights_files[name]) if mode != "scratch" else None
+    model = build_model(name, mode, num_classes, width=16, weights=weights).eval()
+    assert head_of(model, name).out_features == num_classes
+    res = max(32, entry(name).min_resolution)
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, res, res)).shape == (2, num_classes)
+    classes = [f"c{i}" for i in range(num_classes)]
+    cfg = TrainConfig(model=name, mode=mode, width=16, weights=weights)
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "classes": classes}, tmp_path / "model.pt")
+    loaded, _, loaded_classes = load_trained(tmp_path)
+    assert loaded_classes == classes
+    assert torch.equal(head_of(loaded, name).weight, head_of(model, name).weight)
+    assert architecture(name, mode, num_classes, 16).state_dict().keys() == model.state_dict().keys()

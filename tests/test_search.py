@@ -65,15 +65,29 @@ def test_search_writes_consistent_results(first_search):
     assert saved["config"]["lr"] == pytest.approx(best["best_config"]["lr"])
     # the test accuracy in best.json is what the saved model scores on the test set
     from tune_cifar.config import TrainConfig
-    from tune_cifar.data import load_for
+    from tune_cifar.data import device_data
     from tune_cifar.export import load_trained
-    from tune_cifar.train import evaluate_test
+    from tune_cifar.fit import evaluate_test
     model, cfg, _ = load_trained(exp)
-    assert evaluate_test(model, cfg.replace(threads=None), load_for(cfg))["test_acc"] == pytest.approx(best["test_acc"])
+    test_acc = evaluate_test(model, cfg.replace(threads=None), device_data(cfg))["test_acc"]
+    assert test_acc == pytest.approx(best["test_acc"])
     # the Optuna study in SQLite holds every trial (what optuna-dashboard opens)
     import optuna
     study = optuna.load_study(study_name="s1", storage=f"sqlite:///{exp / 'optuna.db'}")
     assert len(study.trials) == 6
+    # ... and tells the truth: a trial ASHA stopped is PRUNED with its curve, a COMPLETE one ran every round
+    State = optuna.trial.TrialState
+    pruned = [t for t in study.trials if t.state == State.PRUNED]
+    complete = [t for t in study.trials if t.state == State.COMPLETE]
+    assert pruned and complete and len(pruned) + len(complete) == 6
+    for t in pruned:
+        steps = sorted(t.intermediate_values)
+        assert 1 <= len(steps) < 4 and steps == list(range(1, len(steps) + 1))
+    for t in complete:
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4]
+        assert t.value == pytest.approx(t.intermediate_values[4])
+    assert len(pruned) == (trials["status"] == "stopped").sum()
+    assert len(complete) == (trials["status"] == "completed").sum()
     assert TrainConfig.from_dict(saved["config"]).model == "simple_cnn"
 
 

@@ -9,8 +9,8 @@ import torchvision
 from conftest import run_cli
 
 from tune_cifar.config import TrainConfig
-from tune_cifar.data import load_for
-from tune_cifar.train import Runtime, evaluate, evaluate_test, fit
+from tune_cifar.data import device_data
+from tune_cifar.fit import Runtime, evaluate, evaluate_test, fit
 
 
 def test_train_command_learns(cifar_dir, tmp_path):
@@ -34,18 +34,18 @@ def test_train_command_learns(cifar_dir, tmp_path):
 def test_checkpoint_resume_continues_the_same_run(cifar_dir):
     cfg = TrainConfig(data_dir=str(cifar_dir), subset=2000, epochs=2, width=16, batch_size=64, threads=1,
                       evals_per_epoch=2)
-    data = load_for(cfg)
+    data = device_data(cfg)
     straight = fit(cfg, data)
     saved = {}
 
     def stop_after_first_round(record, state):
-        if record["round"] == 1:
-            saved["state"] = state()
-            raise KeyboardInterrupt          # the run is interrupted here
-    try:
-        fit(cfg, data, on_epoch=stop_after_first_round)
-    except KeyboardInterrupt:
-        pass
+        saved["state"] = state()
+        return True                          # the run is interrupted here
+    interrupted = fit(cfg, data, on_round=stop_after_first_round)
+    assert interrupted.status == "stopped" and len(interrupted.history) == 1
+    capped = fit(cfg, data, max_rounds=1)                   # the other way to stop: a round limit
+    assert capped.status == "stopped" and len(capped.history) == 1
+    assert capped.history[0]["val_acc"] == pytest.approx(interrupted.history[0]["val_acc"], abs=1e-6)
     resumed = fit(cfg, data, resume=saved["state"])
     assert len(resumed.history) == 4
     for a, b in zip(straight.history, resumed.history):
@@ -55,8 +55,11 @@ def test_checkpoint_resume_continues_the_same_run(cifar_dir):
 
 
 def test_non_finite_loss_stops_the_run_as_diverged(cifar_dir):
+    from tune_cifar.trainable import nan_outputs_from
     cfg = TrainConfig(data_dir=str(cifar_dir), subset=1000, epochs=3, width=8, batch_size=64)
-    result = fit(cfg, load_for(cfg), poison_at=2)
+    rounds: list[int] = []
+    with nan_outputs_from(2, rounds):             # the fault injection the search's resilience tests use
+        result = fit(cfg, device_data(cfg), on_round=lambda record, _state: rounds.append(record["round"]))
     assert result.status == "diverged" and len(result.history) == 2
     assert result.history[-1]["val_acc"] == 0.0
 
@@ -67,7 +70,7 @@ def test_frozen_mode_trains_the_head_on_cached_features(cifar_dir, tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     cfg = TrainConfig(model="resnet18", mode="frozen", resolution=32, weights=str(weights), data_dir=str(cifar_dir),
                       subset=1000, epochs=2, batch_size=64, lr=1e-3, optimizer="adamw", augment="flip")
-    data = load_for(cfg)
+    data = device_data(cfg)
     result = fit(cfg, data)
     assert result.status == "completed"
     original = torch.load(weights, weights_only=True)

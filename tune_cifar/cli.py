@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,23 +26,41 @@ def key_value(text: str) -> tuple[str, Any]:
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="CIFAR-10 folder (cifar-10-batches-py/ or train/ + test/ class folders); "
-                   "default: $TUNE_CIFAR_DATA, then ~/.cache/tune_cifar/data")
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 / weights")
-    p.add_argument("--subset", type=int, help="stratified subset of the 50,000 training images")
-    p.add_argument("--weights", help="state-dict file of the pretrained backbone (offline frozen/full)")
+    p.add_argument("--data-dir", help="data folder: cifar-10-batches-py/, cifar-100-python/, or train/<class>/ "
+                   "(+ test/<class>/) image folders; default: $TUNE_CIFAR_DATA, then ~/.cache/tune_cifar/data "
+                   "(CIFAR-10 is downloaded there when missing)")
+    p.add_argument("--dataset", choices=("cifar10", "cifar100"),
+                   help="look only for this data set's pickles, and download it when missing (default: whatever "
+                   "the data folder holds, else CIFAR-10)")
+    p.add_argument("--offline", action="store_true",
+                   help="never download data or ImageNet weights (also $TUNE_CIFAR_OFFLINE=1)")
+    p.add_argument("--download", action="store_true", help="allow downloads even with $TUNE_CIFAR_OFFLINE=1")
+    p.add_argument("--subset", type=int, help="stratified subset of the training images")
+    p.add_argument("--weights", help="state-dict file of the pretrained backbone (frozen/full; default: "
+                   "torchvision's ImageNet weights, downloaded when missing)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def add_experiment_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-dir", type=Path, default=Path("results"))
     p.add_argument("--name", help="experiment folder name (default: the search space's name)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment as it was planned")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment folder")
 
 
+def gpus_per_trial(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
+
+
 def add_ray_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (0.25: four trials share a GPU)")
+    p.add_argument("--gpus-per-trial", type=gpus_per_trial, metavar="F|auto",
+                   help="GPU fraction per trial (0.25: four trials share a GPU); auto: as many trials per GPU as "
+                   "fit, from one measured training step (0 without a GPU)")
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="whole command's wall-clock budget")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashing trial from its checkpoint")
@@ -51,20 +70,31 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard-host", default="127.0.0.1", help="bind address of the dashboard")
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.md at the end")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own progress output and worker logs instead of the compact trial table")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="no TensorBoard event files in the trial folders")
+    p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                   help="log each trial as an MLflow run under one parent run (default store: SQLite in "
+                   "results/EXP/mlruns; needs the mlflow extra)")
+
+
+# The TrainConfig fields `train` takes as flags (--batch-size for batch_size, ...); more with --set.
+TRAIN_FLAGS = (("lr", float), ("optimizer", str), ("batch_size", int), ("epochs", int), ("weight_decay", float),
+               ("momentum", float), ("width", int), ("resolution", int), ("label_smoothing", float),
+               ("schedule", str), ("augment", str), ("patience", int), ("device", str), ("threads", int),
+               ("evals_per_epoch", int))
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="tune_cifar", description="Hyper-parameter search and cross-validation for CIFAR-10 "
                     "classifiers (simple CNN, AlexNet, VGG16, ResNet18; scratch / frozen / full).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(dest="subcommand", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train one configuration (no Ray)")
     t.add_argument("space", metavar="NAME", help="search space (simple_cnn_scratch, vgg16_full, or a .yaml)")
-    for flag, kind in (("lr", float), ("optimizer", str), ("batch-size", int), ("epochs", int),
-                       ("weight-decay", float), ("momentum", float), ("width", int), ("resolution", int),
-                       ("label-smoothing", float), ("schedule", str), ("augment", str), ("patience", int),
-                       ("device", str), ("threads", int), ("evals-per-epoch", int)):
-        t.add_argument(f"--{flag}", type=kind)
+    for key, kind in TRAIN_FLAGS:
+        t.add_argument(f"--{key.replace('_', '-')}", type=kind)
     t.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE")
     add_data_flags(t)
     add_experiment_flags(t)
@@ -74,7 +104,15 @@ def build_parser() -> Parser:
     s.add_argument("--num-samples", type=int, help="number of trials")
     s.add_argument("--max-epochs", type=int)
     s.add_argument("--grace-period", type=float, help="epochs before ASHA may stop a trial")
+    s.add_argument("--searcher", choices=("tpe", "random"),
+                   help="tpe: Optuna TPE (default); random: Ray Tune's random search (space file: budget.searcher)")
+    s.add_argument("--study-feedback", choices=("pruned", "complete"), default="pruned",
+                   help=argparse.SUPPRESS)      # "complete": the old, untruthful study (for bench search_quality)
     s.add_argument("--quick", action="store_true", help="small smoke preset (minutes on a 2-core CPU)")
+    s.add_argument("--cv-top", type=int, metavar="N", help="cross-validate the N best configurations, retrain "
+                   "the winner on all search images and test it once (see --k, --repeats)")
+    s.add_argument("--k", type=int, default=5, help="with --cv-top: folds")
+    s.add_argument("--repeats", type=int, default=1, help="with --cv-top: repeats of the K-fold split")
     add_data_flags(s)
     add_experiment_flags(s)
     add_ray_flags(s)
@@ -82,6 +120,7 @@ def build_parser() -> Parser:
     k = sub.add_parser("kfold", help="stratified K-fold cross-validation of configurations")
     k.add_argument("space", metavar="NAME")
     k.add_argument("--k", type=int, default=5)
+    k.add_argument("--repeats", type=int, default=1, help="repeat the K-fold split R times (seeded): J = K x R splits")
     k.add_argument("--epochs", type=int, help="epochs per fold (default: the space's max_epochs)")
     k.add_argument("--num-samples", type=int, help="draw N configurations from the space (seeded)")
     k.add_argument("--from-search", metavar="EXP", help="cross-validate the best of a finished search")
@@ -96,12 +135,19 @@ def build_parser() -> Parser:
     r.add_argument("experiment", metavar="EXP")
     r.add_argument("--results-dir", type=Path, default=Path("results"))
 
-    c = sub.add_parser("compare", help="scratch vs frozen vs full of one model")
+    c = sub.add_parser("compare", help="scratch vs frozen vs full of one model: from its searches, or "
+                       "cross-validated on the same folds with --k")
     c.add_argument("model")
-    c.add_argument("--results-dir", type=Path, default=Path("results"))
     c.add_argument("--run-missing", action="store_true", help="run missing modes with --quick budgets")
-    c.add_argument("--data-dir")
-    c.add_argument("--weights")
+    c.add_argument("--k", type=int, help="cross-validate the modes (each its search's best configuration, "
+                   "else its space's default point) on the same K folds, with paired tests")
+    c.add_argument("--repeats", type=int, default=1, help="with --k: repeats of the K-fold split")
+    c.add_argument("--epochs", type=int, help="with --k: epochs per fold (default: each space's max_epochs)")
+    c.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="with --k: a setting for every mode (e.g. resolution=64 on a CPU)")
+    add_data_flags(c)
+    add_experiment_flags(c)
+    add_ray_flags(c)
 
     e = sub.add_parser("export", help="export an experiment's best model")
     e.add_argument("experiment", metavar="EXP")
@@ -109,87 +155,135 @@ def build_parser() -> Parser:
     e.add_argument("--results-dir", type=Path, default=Path("results"))
     e.add_argument("--out", type=Path)
 
+    d = sub.add_parser("dashboard", help="optuna-dashboard on an experiment's Optuna study (127.0.0.1, until Ctrl-C)")
+    d.add_argument("experiment", metavar="EXP")
+    d.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080; 0: any free one)")
+    d.add_argument("--results-dir", type=Path, default=Path("results"))
+
     b = sub.add_parser("bench", help="throughput and search-overhead benchmark")
     b.add_argument("--device", choices=("cpu", "cuda"))
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", type=Path, default=Path("bench.json"))
     b.add_argument("--only", help="comma-separated scenarios: p1,p2,p3,p4,p5,cpu_budget")
+    b.add_argument("--accept", action="store_true",
+                   help="the acceptance set (P1-P7 and the accuracy runs) at fixed sizes per device, each part timed, "
+                   "with its target and pass/fail; writes OUT.json and OUT.md")
     b.add_argument("--data-dir")
     return parser
 
 
 def ray_options(a: argparse.Namespace):
-    from .tuning import RayOptions
+    from .ray_session import RayOptions
     return RayOptions(address=a.address, dashboard=a.dashboard, dashboard_host=a.dashboard_host,
-                      dashboard_port=a.dashboard_port, storage=a.storage)
+                      dashboard_port=a.dashboard_port, storage=a.storage, verbose=a.verbose)
+
+
+def options(cls, a: argparse.Namespace, **extra: Any):
+    """A command's options dataclass from the parsed flags of the same names."""
+    values = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if hasattr(a, f.name)}
+    return cls(**{**values, **extra})
+
+
+def report_step(a: argparse.Namespace):
+    """The report the runner makes at the end (the CLI hands it over, so Ray code never imports it)."""
+    if a.no_report:
+        return None
+    from .report import write_report
+    return write_report
+
+
+def pin_dataset(a: argparse.Namespace) -> None:
+    """--dataset: find (or download) that data set now and hand its folder on as --data-dir, so the
+    commands (which look up whatever a folder holds) read exactly it."""
+    if a.dataset:
+        from .data import downloads_allowed, resolve_data_dir
+        a.data_dir = resolve_data_dir(a.data_dir, downloads_allowed(a.download, a.offline), a.dataset)
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .single import plan_train, run_train
-    flags = ("lr", "optimizer", "batch_size", "epochs", "weight_decay", "momentum", "width", "resolution",
-             "label_smoothing", "schedule", "augment", "patience", "device", "threads", "evals_per_epoch",
-             "data_dir", "subset", "weights", "seed")
+    from .data import downloads_allowed
+    from .train_command import plan_train, run_train
+    pin_dataset(a)
+    flags = [key for key, _ in TRAIN_FLAGS] + ["data_dir", "subset", "weights", "seed"]
     overrides = {k: getattr(a, k) for k in flags if getattr(a, k) is not None}
-    if a.download:
-        overrides["download"] = True
     overrides.update(dict(a.set))
-    cfg, exp = plan_train(a.space, overrides, a.results_dir, a.name, a.resume, a.overwrite)
-    run_train(cfg, exp, a.resume, a.overwrite)
+    cfg, exp = plan_train(a.space, overrides, a.results_dir, a.name, a.resume, a.overwrite,
+                          download=downloads_allowed(a.download, a.offline))
+    run_train(cfg, exp, a.resume, a.overwrite, command=a.command)
 
 
 def cmd_search(a: argparse.Namespace) -> None:
-    from .search import SearchOptions, plan_search, run_search
-    opts = SearchOptions(results_dir=a.results_dir, name=a.name, num_samples=a.num_samples, max_epochs=a.max_epochs,
-                         grace_period=a.grace_period, time_budget=a.time_budget, data_dir=a.data_dir,
-                         subset=a.subset, download=a.download, weights=a.weights, gpus_per_trial=a.gpus_per_trial,
-                         cpus_per_trial=a.cpus_per_trial, seed=a.seed, max_failures=a.max_failures,
-                         resume=a.resume, overwrite=a.overwrite, quick=a.quick, report=not a.no_report,
-                         ray=ray_options(a))
-    run_search(plan_search(a.space, opts))
+    from .experiment import run
+    from .search import SearchOptions, plan_search
+    pin_dataset(a)
+    plan = plan_search(a.space, options(SearchOptions, a, ray=ray_options(a)))
+    if plan.opts.cv_top is None:
+        summary = run(plan, report=report_step(a))
+    else:
+        from .selection import run_selection
+        summary = run_selection(plan, report=report_step(a))
+    print(f"test_acc={summary['test_acc']:.4f}")
 
 
 def cmd_kfold(a: argparse.Namespace) -> None:
-    from .kfold import KFoldOptions, plan_kfold, run_kfold
-    opts = KFoldOptions(results_dir=a.results_dir, name=a.name, k=a.k, epochs=a.epochs, num_samples=a.num_samples,
-                        from_search=a.from_search, top=a.top, fixed=dict(a.set), data_dir=a.data_dir,
-                        subset=a.subset, download=a.download, weights=a.weights, gpus_per_trial=a.gpus_per_trial,
-                        cpus_per_trial=a.cpus_per_trial, seed=a.seed, max_failures=a.max_failures,
-                        time_budget=a.time_budget, resume=a.resume, overwrite=a.overwrite,
-                        report=not a.no_report, ray=ray_options(a))
-    run_kfold(plan_kfold(a.space, opts))
+    from .experiment import run
+    from .kfold import KFoldOptions, plan_kfold
+    pin_dataset(a)
+    run(plan_kfold(a.space, options(KFoldOptions, a, fixed=dict(a.set), ray=ray_options(a))), report=report_step(a))
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from .report import experiment_path, write_report
+    from .folders import experiment_path
+    from .report import write_report
     print(write_report(experiment_path(a.results_dir, a.experiment)))
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
-    from .report import compare
-    compare(a.model, a.results_dir, run_missing=a.run_missing, data_dir=a.data_dir, weights=a.weights)
+    from .compare import compare_modes, missing_modes
+    if a.run_missing:
+        for mode in missing_modes(a.model, a.results_dir):
+            name = f"{a.model}_{mode}"
+            args = ["search", name, "--quick", "--results-dir", a.results_dir, "--name", f"{name}_quick"]
+            args += ["--data-dir", a.data_dir] if a.data_dir else []
+            args += ["--weights", a.weights] if a.weights else []
+            if main(args) != 0:
+                raise UserError(f"--run-missing: the {mode} search failed (see above)")
+    if a.k is None:
+        compare_modes(a.model, a.results_dir)
+        return
+    from .experiment import run
+    from .kfold import KFoldOptions, plan_modes
+    run(plan_modes(a.model, options(KFoldOptions, a, fixed=dict(a.set), ray=ray_options(a))), report=report_step(a))
 
 
 def cmd_export(a: argparse.Namespace) -> None:
     from .export import export
-    from .report import experiment_path
+    from .folders import experiment_path
     print(export(experiment_path(a.results_dir, a.experiment), a.format, a.out))
+
+
+def cmd_dashboard(a: argparse.Namespace) -> None:
+    from .dashboard import serve
+    serve(a.results_dir, a.experiment, a.port)
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from .bench import run_bench
-    run_bench(device=a.device, quick=a.quick, out=a.out, only=a.only, data_dir=a.data_dir)
+    run_bench(device=a.device, quick=a.quick, out=a.out, only=a.only, data_dir=a.data_dir, accept=a.accept)
 
 
 COMMANDS = {"train": cmd_train, "search": cmd_search, "kfold": cmd_kfold, "report": cmd_report,
-            "compare": cmd_compare, "export": cmd_export, "bench": cmd_bench}
+            "compare": cmd_compare, "export": cmd_export, "bench": cmd_bench, "dashboard": cmd_dashboard}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .folders import command_line
+    args = build_parser().parse_args(None if argv is None else [str(x) for x in argv])
+    args.command = command_line(None if argv is None else [str(x) for x in argv])  # recorded in spec.yaml
     try:
-        COMMANDS[args.command](args)
+        COMMANDS[args.subcommand](args)
     except UserError as e:
-        sys.stderr.write(f"tune_cifar {args.command}: error: {e}\n")
+        sys.stderr.write(f"tune_cifar {args.subcommand}: error: {e}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: continue with the same command and --resume\n")

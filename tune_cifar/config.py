@@ -6,8 +6,9 @@ one-line `UserError` before any data is loaded or Ray is started.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
 
 MODELS = ("simple_cnn", "alexnet", "vgg16", "resnet18")
 MODES = ("scratch", "frozen", "full")
@@ -64,84 +65,93 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> "TrainConfig":
         """Build and validate; unknown keys and bad values raise UserError naming `where` and the key."""
-        known = {f.name for f in fields(cls)}
         for key in values:
-            if key not in known:
-                raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+            check_known(key, where)
         cfg = cls(**{k: coerce(k, v, where) for k, v in values.items()})
         cfg.check(where)
         return cfg
 
     def check(self, where: str = "config") -> None:
-        def bad(key: str, why: str) -> UserError:
-            return UserError(f"{where}: {key}={getattr(self, key)!r} {why}")
-
-        for key, allowed in (("model", MODELS), ("mode", MODES), ("optimizer", OPTIMIZERS),
-                             ("schedule", SCHEDULES), ("augment", AUGMENTS), ("precision", PRECISIONS)):
-            if getattr(self, key) not in allowed:
-                raise bad(key, f"is not one of {', '.join(allowed)}")
+        """Every field against its rule in RULES, then the one rule that joins two fields."""
+        for key, (ok, why) in RULES.items():
+            value = getattr(self, key)
+            if value is not None and not ok(value):
+                raise UserError(f"{where}: {key}={value!r} {why}")
         if self.model == "simple_cnn" and self.mode != "scratch":
-            raise bad("mode", "is not available for simple_cnn: it has no pretrained weights (use scratch)")
-        if not 1 <= self.evals_per_epoch <= 20:
-            raise bad("evals_per_epoch", "must be between 1 and 20")
-        for key in ("epochs", "batch_size", "width"):
-            if getattr(self, key) < 1:
-                raise bad(key, "must be a positive integer")
-        if self.lr <= 0 or self.lr > 10:
-            raise bad("lr", "must be in (0, 10]")
-        if not 0 <= self.momentum < 1:
-            raise bad("momentum", "must be in [0, 1)")
-        if not 0 <= self.weight_decay < 1:
-            raise bad("weight_decay", "must be in [0, 1)")
-        if not 0 <= self.warmup < 1:
-            raise bad("warmup", "must be in [0, 1)")
-        if not 0 <= self.label_smoothing < 1:
-            raise bad("label_smoothing", "must be in [0, 1)")
-        if not 0 < self.val_fraction < 1:
-            raise bad("val_fraction", "must be in (0, 1)")
-        if self.patience < 0:
-            raise bad("patience", "must be >= 0")
-        if self.subset is not None and self.subset < 1:
-            raise bad("subset", "must be a positive integer")
-        if self.resolution is not None and not 16 <= self.resolution <= 512:
-            raise bad("resolution", "must be between 16 and 512 pixels")
-        if self.threads is not None and self.threads < 1:
-            raise bad("threads", "must be a positive integer")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise bad("device", "is not one of auto, cpu, cuda, cuda:N")
+            raise UserError(f"{where}: mode={self.mode!r} is not available for simple_cnn: it has no pretrained "
+                            "weights (use scratch)")
 
 
-_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+def one_of(*allowed: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in allowed), f"is not one of {', '.join(allowed)}"
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False
+            ) -> tuple[Callable[[Any], bool], str]:
+    """A range check written positively, so NaN (which fails every comparison) is refused."""
+    def ok(v: float) -> bool:
+        return (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+    return ok, f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+POSITIVE = (lambda v: v >= 1), "must be a positive integer"
+
+# One rule per field a user can set: (accepts the value?, what to say when it does not). A None
+# value of an optional field is not checked. Types are checked before, by coerce().
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": one_of(*MODELS),
+    "mode": one_of(*MODES),
+    "optimizer": one_of(*OPTIMIZERS),
+    "schedule": one_of(*SCHEDULES),
+    "augment": one_of(*AUGMENTS),
+    "precision": one_of(*PRECISIONS),
+    "device": ((lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
+               "is not one of auto, cpu, cuda, cuda:N"),
+    "evals_per_epoch": between(1, 20),
+    "epochs": POSITIVE,
+    "batch_size": POSITIVE,
+    "width": POSITIVE,
+    "subset": POSITIVE,
+    "threads": POSITIVE,
+    "lr": between(0, 10, low_open=True),
+    "momentum": between(0, 1, high_open=True),
+    "weight_decay": between(0, 1, high_open=True),
+    "warmup": between(0, 1, high_open=True),
+    "label_smoothing": between(0, 1, high_open=True),
+    "val_fraction": between(0, 1, low_open=True, high_open=True),
+    "patience": ((lambda v: v >= 0), "must be >= 0"),
+    "resolution": between(16, 512),
+}
+TYPES = typing.get_type_hints(TrainConfig)
+
+
+def check_known(key: str, where: str) -> None:
+    if key not in TYPES:
+        raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(TYPES))})")
 
 
 def coerce(key: str, value: Any, where: str) -> Any:
-    """Check a value's type for `key` (YAML / CLI strings already parsed); ints are fine as floats."""
-    kind = _TYPES[key]
-    optional = "None" in kind
+    """`value` in the type of field `key` (YAML / CLI strings already parsed): ints are accepted for
+    floats and become floats (lr=1 -> 1.0); anything else of the wrong type is a UserError."""
+    check_known(key, where)
+    kinds = typing.get_args(TYPES[key]) or (TYPES[key],)
     if value is None:
-        if optional:
+        if type(None) in kinds:
             return None
         raise UserError(f"{where}: {key} must not be empty")
-    base = kind.replace(" | None", "")
-    if base == "bool":
-        ok = isinstance(value, bool)
-    elif base == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise UserError(f"{where}: {key}={value!r} must be of type {base}")
+    kind = next(k for k in kinds if k is not type(None))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:          # exact: a bool is not an int here
+        raise UserError(f"{where}: {key}={value!r} must be of type {kind.__name__}")
     return value
 
 
-def typed(key: str, value: Any) -> Any:
+def value_from_csv(key: str, value: Any) -> Any:
     """A hyper-parameter read back from a CSV, in its field's type (pandas turns an int column with
     a missing value into floats: batch_size 128 -> 128.0)."""
     if hasattr(value, "item"):
         value = value.item()
-    if _TYPES[key].startswith("int") and isinstance(value, float) and value.is_integer():
+    if TYPES[key] is int and isinstance(value, float) and value.is_integer():
         return int(value)
     return value

@@ -1,7 +1,9 @@
 """`export EXP --format pt|torchscript|onnx`: the best model of an experiment, ready to serve.
 
 Next to the model goes `<file>.json` with what a user needs to feed it: input resolution, mean and
-std (on 0..1 pixels), channel order and class names.
+std (on 0..1 pixels: the ones training normalised with), channel order and the class names, in the
+order of the model's outputs (as many as the data set had: 10 for CIFAR-10, 100 for CIFAR-100, the
+class folders of an image-folder data set).
 """
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, UserError
-from .data import CLASSES, MEAN, STD
+from .data import MEAN, STD
+from .folders import write_json, write_torch
 from .models import architecture, resolve_resolution
-from .results import write_json, write_torch
 
 SUFFIX = {"pt": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 
@@ -53,6 +55,8 @@ def export(exp: Path, fmt: str, out: Path | None = None) -> Path:
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     write_json(out.with_name(out.name + ".json"), {
         "format": fmt, "model": cfg.model, "mode": cfg.mode, "resolution": res,
-        "input": "float32 NCHW RGB, pixels scaled to 0..1, then (x - mean) / std, resized to resolution",
-        "mean": list(MEAN), "std": list(STD), "classes": classes or list(CLASSES)})
+        "input": "float32 NCHW RGB (grayscale / palette / RGBA converted to RGB, alpha dropped), centre-cropped "
+                 "to a square and resized to resolution x resolution, pixels scaled to 0..1, then (x - mean) / std",
+        "mean": list(MEAN), "std": list(STD), "num_classes": len(classes), "classes": classes,
+        "output": "logits, one per class in the order of classes"})
     return out

@@ -53,6 +53,8 @@ class FrozenFeatures:
 @torch.no_grad()
 def _extract(backbone: nn.Module, split: DeviceSplit, rt, flips: bool) -> FeatureSplit:
     store = torch.bfloat16 if rt.autocast_dtype is not None else torch.float32
+    if len(split) == 0:             # no validation split (a retrain on the whole pool): nothing to extract
+        return FeatureSplit(torch.zeros((1, 0, 0), dtype=store, device=split.y.device), split.y)
     views = []
     for flip in ([False, True] if flips else [False]):
         parts = []

@@ -1,11 +1,12 @@
-"""`kfold NAME --k K`: how robust is a configuration? Mean +- std of validation accuracy over K folds.
+"""`kfold NAME --k K [--repeats R]`: how good is a configuration, and is it really better than another?
 
-Folds: scikit-learn's StratifiedKFold (shuffled, seeded) over the training images (or --subset);
-the test set is never touched. Configurations: the space's default point, `--set key=value`,
-`--num-samples N` drawn from the space by Optuna's seeded RandomSampler, or `--from-search EXP
---top N` (the N best trials of a finished search). Every (configuration, fold) pair is one Ray Tune
-trial with the full epoch budget (no early stopping across folds), so they run in parallel and an
-interrupted run continues with --resume.
+Splits: scikit-learn's RepeatedStratifiedKFold (seeded) over the training images (or --subset): J =
+K x R (train, validation) splits, the same for every configuration, so configurations are compared
+split by split with the corrected resampled t-test (stats.py). The test set is never touched.
+Configurations: the space's default point, `--set key=value`, `--num-samples N` drawn from the space
+by Optuna's seeded RandomSampler, or `--from-search EXP --top N` (the N best trials of a search).
+Every (configuration, split) pair is one Ray Tune trial with the full epoch budget (no early
+stopping across splits), so they run in parallel and an interrupted run continues with --resume.
 """
 from __future__ import annotations
 
@@ -14,41 +15,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, UserError, typed
-from .results import experiment_dir, read_json, write_csv, write_json
-from .spaces import SearchSpec, check_value, load_space
-from .tuning import (
+from .config import TrainConfig, UserError, value_from_csv
+from .experiment import (
+    Plan,
     RunOptions,
+    check_flags_agree,
+    check_same_space,
     check_time_budget,
-    fault_injection,
     prepare_base,
-    print_phases,
-    ranked_trials,
     run_config,
-    trial_rows,
-    tune_experiment,
 )
+from .folders import experiment_dir, find_experiment, ranked_trials, read_json, read_yaml, write_csv
+from .spaces import SearchSpec, check_value, find_space, load_space
+from .trials import trial_rows
+
+PLAN_FLAGS = ("k", "repeats", "epochs", "num_samples", "from_search", "top", "fixed", "subset", "data_dir",
+              "weights", "seed", "time_budget", "max_failures", "gpus_per_trial", "cpus_per_trial")
 
 
 @dataclass
 class KFoldOptions(RunOptions):
     k: int = 5
+    repeats: int = 1
     epochs: int | None = None
     num_samples: int | None = None
     from_search: str | None = None
     top: int = 3
     fixed: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class KFoldPlan:
-    spec: SearchSpec
-    opts: KFoldOptions
-    base: TrainConfig
-    candidates: list[dict[str, Any]]
-    exp: Path
-    resources: dict[str, float]
-    inject: dict[str, Any]
 
 
 def draw_configs(spec: SearchSpec, n: int, seed: int) -> list[dict[str, Any]]:
@@ -64,34 +57,42 @@ def draw_configs(spec: SearchSpec, n: int, seed: int) -> list[dict[str, Any]]:
 
 def configs_from_search(spec: SearchSpec, results_dir: Path, exp_name: str, top: int) -> list[dict[str, Any]]:
     import pandas as pd
-    import yaml
     exp = Path(results_dir) / exp_name
     if not (exp / "trials.csv").is_file():
         raise UserError(f"--from-search {exp_name}: {exp}/trials.csv not found (run `search` first)")
-    searched = yaml.safe_load((exp / "spec.yaml").read_text())
+    searched = read_yaml(exp / "spec.yaml")
     for key in ("model", "mode"):
         if searched["base"][key] != getattr(spec.base, key):
             raise UserError(f"--from-search {exp_name}: it searched {key}={searched['base'][key]}, "
                             f"not {getattr(spec.base, key)} of {spec.name}")
-    trials = pd.read_csv(exp / "trials.csv")
-    ok = ranked_trials(trials).head(top)
+    ok = ranked_trials(pd.read_csv(exp / "trials.csv")).head(top)
     if ok.empty:
         raise UserError(f"--from-search {exp_name}: no successful trial in {exp}/trials.csv")
     keys = [k for k in searched["space"] if k in ok.columns]
-    return [{k: typed(k, v) for k, v in row.items()} for row in ok[keys].to_dict("records")]
+    return [{k: value_from_csv(k, v) for k, v in row.items()} for row in ok[keys].to_dict("records")]
 
 
-def plan_kfold(name: str, opts: KFoldOptions) -> KFoldPlan:
+def check_folds(k: int, repeats: int, base: TrainConfig, flag: str = "--k") -> None:
+    """K must fit the rarest class of the pool the folds are cut from (stratification)."""
     import numpy as np
-    spec = load_space(name)
+
+    from .data import stratified_subset, training_labels
+    if k < 2:
+        raise UserError(f"{flag}={k}: K-fold needs at least 2 folds")
+    if repeats < 1:
+        raise UserError(f"--repeats={repeats} must be at least 1")
+    labels = training_labels(base)
+    pool = labels[stratified_subset(labels, base.subset, base.split_seed)] if base.subset else labels
+    smallest = int(np.bincount(pool).min())
+    if k > smallest:
+        raise UserError(f"{flag}={k} is larger than the {smallest} images of the rarest class: "
+                        "use fewer folds or a larger --subset")
+
+
+def plan_kfold(name: str, opts: KFoldOptions) -> Plan:
     if opts.resume:
-        exp = experiment_dir(opts.results_dir, opts.name or f"kfold_{spec.name}", resume=True)
-        saved = read_json(exp / "plan.json")
-        return KFoldPlan(spec, dataclasses.replace(opts, k=saved["k"]),
-                         TrainConfig.from_dict(saved["base"], where=str(exp / "plan.json")),
-                         saved["candidates"], exp, saved["resources"], fault_injection())
-    if opts.k < 2:
-        raise UserError(f"--k={opts.k}: K-fold needs at least 2 folds")
+        return resumed_plan(name, opts, f"kfold_{find_space(name).stem}")
+    spec = load_space(name)
     sources = sum([bool(opts.fixed), opts.num_samples is not None, opts.from_search is not None])
     if sources > 1:
         raise UserError("choose one of --set, --num-samples and --from-search")
@@ -102,14 +103,12 @@ def plan_kfold(name: str, opts: KFoldOptions) -> KFoldPlan:
     if opts.epochs is not None and opts.epochs < 1:
         raise UserError(f"--epochs={opts.epochs} must be at least 1")
     check_time_budget(opts.time_budget)
-    base, resources, _ = prepare_base(spec, opts, "kfold", epochs=opts.epochs or spec.budget.max_epochs,
-                                      subset=opts.subset, seed=opts.seed, patience=0)
-
+    base, resources, data_dir = prepare_base(spec, opts, "kfold", epochs=opts.epochs or spec.budget.max_epochs,
+                                             subset=opts.subset, seed=opts.seed, patience=0)
     if opts.fixed:
         point = spec.default_point()
         for key, value in opts.fixed.items():
-            check_value(f"--set {key}", key, value, base)
-            point[key] = value
+            point[key] = check_value(f"--set {key}", key, value, base)
         candidates = [point]
     elif opts.from_search:
         candidates = configs_from_search(spec, opts.results_dir, opts.from_search, opts.top)
@@ -117,91 +116,181 @@ def plan_kfold(name: str, opts: KFoldOptions) -> KFoldPlan:
         candidates = draw_configs(spec, opts.num_samples or 1, opts.seed)
     for c in candidates:
         base.replace(**c).check("kfold configuration")
-
-    from .data import stratified_subset, training_labels
-    labels = training_labels(base)
-    pool = labels[stratified_subset(labels, base.subset, base.split_seed)] if base.subset else labels
-    smallest = int(np.bincount(pool).min())
-    if opts.k > smallest:
-        raise UserError(f"--k={opts.k} is larger than the {smallest} images of the rarest class: "
-                        "use fewer folds or a larger --subset")
+    check_folds(opts.k, opts.repeats, base)
+    check_fold_batches(candidates, base, opts.k)
     exp = experiment_dir(opts.results_dir, opts.name or f"kfold_{spec.name}", overwrite=opts.overwrite)
-    return KFoldPlan(spec, opts, base, candidates, exp, resources, fault_injection())
+    from .trainable import fault_injection
+    return make_plan(spec, dataclasses.replace(opts, data_dir=data_dir), base, candidates, exp, resources,
+                     fault_injection())
 
 
-def make_tuner_factory(plan: KFoldPlan, trainable):
-    def make(time_budget_s: float | None):
-        from ray import tune
+def plan_modes(model: str, opts: KFoldOptions) -> Plan:
+    """`compare MODEL --k K`: the model's training modes as the configurations of one cross-validation,
+    on the same splits. Each mode runs its search's best configuration when a finished search of it
+    is in the results folder, else its space's default point, with its own resolution, epochs and
+    fixed settings; `--set key=value` applies to every mode (resolution=32 on a CPU)."""
+    from .models import entry
+    entry(model)
+    if opts.resume:
+        return resumed_plan(None, opts, f"compare_cv_{model}")
+    if model == "simple_cnn":
+        raise UserError("compare simple_cnn --k: simple_cnn has only the scratch mode, there is nothing to compare")
+    configs, resources = [], None
+    for mode in ("scratch", "frozen", "full"):
+        spec = load_space(f"{model}_{mode}")
+        base, res, data_dir = prepare_base(spec, opts, f"compare {model}", epochs=opts.epochs or spec.budget.max_epochs,
+                                           subset=opts.subset, seed=opts.seed, patience=0)
+        resources = resources or res
+        searched = find_experiment(opts.results_dir, model, mode)
+        point = read_json(searched / "best.json")["best_config"] if searched else spec.default_point()
+        for key, value in opts.fixed.items():
+            point[key] = check_value(f"--set {key}", key, value, base)
+        print(f"{mode}: " + (f"the best configuration of {searched}" if searched else
+                             f"the default point of {spec.source}"))
+        configs.append(base.replace(**point).to_dict())
+    differing = [k for k in configs[0] if any(c[k] != configs[0][k] for c in configs)]
+    candidates = [{k: c[k] for k in differing} for c in configs]
+    base = TrainConfig.from_dict(configs[0], where=f"compare {model}")
+    check_folds(opts.k, opts.repeats, base)
+    check_fold_batches(candidates, base, opts.k)
+    exp = experiment_dir(opts.results_dir, opts.name or f"compare_cv_{model}", overwrite=opts.overwrite)
+    from .trainable import fault_injection
+    return make_plan(load_space(f"{model}_scratch"), dataclasses.replace(opts, data_dir=data_dir), base, candidates,
+                     exp, resources, fault_injection())
 
-        from .trainable import trial_dirname
-        constants: dict[str, Any] = plan.base.to_dict()
-        constants.update(_candidates=plan.candidates, _k=plan.opts.k,
-                         _candidate=tune.grid_search(list(range(len(plan.candidates)))),
-                         _fold_index=tune.grid_search(list(range(plan.opts.k))))
-        if plan.inject:
-            constants["_inject"] = plan.inject
-        return tune.Tuner(
-            trainable, param_space=constants,
-            tune_config=tune.TuneConfig(reuse_actors=True, time_budget_s=time_budget_s,
-                                        trial_dirname_creator=trial_dirname),
-            run_config=run_config(plan.exp, plan.opts))
-    return make
+
+def check_fold_batches(candidates: list[dict[str, Any]], base: TrainConfig, k: int) -> None:
+    from .data import train_size
+    from .fit import check_rounds
+    for c in candidates:
+        cfg = base.replace(**c)
+        check_rounds(train_size(cfg, k=k), cfg.batch_size, cfg.evals_per_epoch, "kfold configuration")
 
 
-def run_kfold(plan: KFoldPlan) -> Any:
+def resumed_plan(name: str | None, opts: KFoldOptions, default_name: str) -> Plan:
+    """The plan saved in plan.json; `name` (the space the command names, if any) must be the one it
+    was planned from, and flags given again must agree with it."""
+    exp = experiment_dir(opts.results_dir, opts.name or default_name, resume=True)
+    saved = read_json(exp / "plan.json")
+    where = str(exp / "plan.json")
+    spec = SearchSpec.from_dict(saved["spec"], where=where)
+    if name is not None:
+        check_same_space(name, spec, exp)
+    check_flags_agree(opts, saved["options"], PLAN_FLAGS, exp)
+    opts = dataclasses.replace(opts, **{k: v for k, v in saved["options"].items() if k in PLAN_FLAGS})
+    return make_plan(spec, opts, TrainConfig.from_dict(saved["base"], where=where), saved["candidates"], exp,
+                     saved["resources"], saved.get("inject") or {})
+
+
+def make_plan(spec: SearchSpec, opts: KFoldOptions, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
+              resources: dict[str, float], inject: dict[str, Any]) -> Plan:
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
+               if k not in ("ray", "started", "command", "resume", "overwrite")}
+    spec_record = {"kind": "kfold", "k": opts.k, "repeats": opts.repeats, **spec.to_dict(), "base": base.to_dict(),
+                   "candidates": candidates}
+    return Plan(exp=exp, opts=opts, spec_record=spec_record,
+                plan_record={"kind": "kfold", "spec": spec.to_dict(), "base": base.to_dict(),
+                             "candidates": candidates, "k": opts.k, "repeats": opts.repeats, "options": options,
+                             "resources": resources, "inject": inject},
+                resources=resources, time_budget=opts.time_budget, phase="folds",
+                make_tuner=lambda trainable, seconds: make_tuner(base, candidates, opts, exp, inject, trainable,
+                                                                 seconds),
+                write_results=lambda results, phases, ray_facts: write_kfold_results(
+                    exp, base, candidates, opts.k, opts.repeats, results, ray_facts),
+                summary_file="kfold_summary.json")
+
+
+def fold_param_space(base: TrainConfig, candidates: list[dict[str, Any]], k: int, repeats: int) -> dict[str, Any]:
+    """Tune's param_space for every (configuration, split) pair: a grid over both."""
+    from ray import tune
+    constants: dict[str, Any] = base.to_dict()
+    constants.update(_candidates=candidates, _k=k, _repeats=repeats,
+                     _candidate=tune.grid_search(list(range(len(candidates)))),
+                     _fold_index=tune.grid_search(list(range(k * repeats))))
+    return constants
+
+
+def make_tuner(base: TrainConfig, candidates: list[dict[str, Any]], opts: KFoldOptions, exp: Path,
+               inject: dict[str, Any], trainable, time_budget_s: float | None):
     from ray import tune
 
-    from .trainable import run_trial
-    opts, exp = plan.opts, plan.exp
-    trainable = tune.with_resources(run_trial, plan.resources)
-    spec_file = {"kind": "kfold", "k": opts.k, **plan.spec.to_dict(), "base": plan.base.to_dict(),
-                 "candidates": plan.candidates}
-    plan_file = {"k": opts.k, "base": plan.base.to_dict(), "candidates": plan.candidates, "resources": plan.resources}
-    results, ray_facts, phases = tune_experiment(exp, opts, spec_file, plan_file, make_tuner_factory(plan, trainable),
-                                                 trainable, opts.time_budget, "folds")
-    table = write_kfold_results(plan, results)
-    if opts.report:
-        from .report import write_report
-        write_report(exp)
-        phases.done("report")
-    write_json(exp / "kfold_summary.json", {"phases": phases.seconds, "ray": ray_facts, "k": opts.k,
-                                            "configurations": len(plan.candidates)})
-    print_phases(phases, opts.time_budget)
-    return table
+    from .trainable import trial_dirname
+    constants = fold_param_space(base, candidates, opts.k, opts.repeats)
+    if inject:
+        constants["_inject"] = inject
+    return tune.Tuner(
+        trainable, param_space=constants,
+        tune_config=tune.TuneConfig(reuse_actors=True, time_budget_s=time_budget_s,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=run_config(exp, opts))
 
 
-def write_kfold_results(plan: KFoldPlan, results):
+def fold_rows(results, candidates: list[dict[str, Any]], k: int, max_rounds: int):
+    """kfold_folds.csv: one row per (configuration, split) trial of a ResultGrid."""
     import pandas as pd
-
-    k = plan.opts.k
-    searched = sorted({key for c in plan.candidates for key in c})
-    rows, _ = trial_rows(results, ["_candidate", "_fold_index"], plan.base.epochs * plan.base.evals_per_epoch)
+    rows, _ = trial_rows(results, ["_candidate", "_fold_index"], max_rounds)
     folds = []
     for r in rows:
-        cand = plan.candidates[int(r["_candidate"])]
-        folds.append({"config": int(r["_candidate"]), "fold": int(r["_fold_index"]), **cand,
+        split = int(r["_fold_index"])
+        cand = candidates[int(r["_candidate"])]
+        folds.append({"config": int(r["_candidate"]), "fold": split, "repeat": split // k, **cand,
                       "accuracy": r["last_val_acc"], "loss": r["last_val_loss"], "epochs": r["epochs"],
                       "seconds": r["seconds"], "status": r["status"], "node": r["node"], "error": r["error"]})
-    folds_df = pd.DataFrame(folds).sort_values(["config", "fold"])
-    write_csv(plan.exp / "kfold_folds.csv", folds_df)
+    return pd.DataFrame(folds).sort_values(["config", "fold"])
 
-    table = []
-    for i, cand in enumerate(plan.candidates):
-        mine = folds_df[(folds_df["config"] == i) & (folds_df["status"] == "completed")]
-        acc = mine.set_index("fold")["accuracy"].astype(float)
-        row = {"config": i, **{key: cand.get(key) for key in searched}, "k": k, "folds_ok": len(acc),
-               "mean_acc": acc.mean() if len(acc) else None,
-               "std_acc": acc.std(ddof=1) if len(acc) > 1 else None,
-               "min_acc": acc.min() if len(acc) else None, "max_acc": acc.max() if len(acc) else None}
-        row.update({f"fold_{f}": acc.get(f) for f in range(k)})
-        table.append(row)
-    table_df = pd.DataFrame(table).sort_values("mean_acc", ascending=False, na_position="last")
-    write_csv(plan.exp / "kfold.csv", table_df)
-    print()
-    print(table_df[["config", *searched, "k", "mean_acc", "std_acc", "min_acc", "max_acc"]]
-          .to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    best = table_df.iloc[0]
-    if best["mean_acc"] is not None and best["mean_acc"] == best["mean_acc"]:
+
+def cv_table(folds, candidates: list[dict[str, Any]], k: int, repeats: int):
+    """kfold.csv: per configuration, the mean over its J = K x R splits, its 95 % interval and the
+    paired comparison with the best configuration (stats.compare_to_best)."""
+    import pandas as pd
+
+    from .stats import compare_to_best, holdout_ratio
+    searched = sorted({key for c in candidates for key in c})
+    splits = k * repeats
+    ok = folds[folds["status"] == "completed"]
+    acc = (ok.pivot(index="config", columns="fold", values="accuracy").astype(float)
+           .reindex(index=range(len(candidates)), columns=range(splits)))
+    stats = compare_to_best(acc, holdout_ratio(k))
+    rows = []
+    for i, cand in enumerate(candidates):
+        row = {"config": i, **{key: cand.get(key) for key in searched}, "k": k, "repeats": repeats,
+               "folds_ok": int(stats.loc[i, "n_splits"])}
+        row.update(stats.loc[i].drop("n_splits").to_dict())
+        row.update(min_acc=acc.loc[i].min(), max_acc=acc.loc[i].max())
+        row.update({f"fold_{f}": acc.loc[i, f] for f in range(splits)})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("config").loc[stats.index].reset_index()
+
+
+def print_cv_table(table, title: str = "") -> None:
+    from .stats import ASSUMPTION, verdict
+    searched = [c for c in table.columns if c not in CV_COLUMNS and not c.startswith("fold_")]
+    shown = table.assign(verdict=table.apply(verdict, axis=1))
+    cols = ["config", *[c for c in searched if c != "config"], "folds_ok", "mean_acc", "ci_low", "ci_high",
+            "diff_vs_best", "p_holm", "verdict"]
+    print(f"\n{title}" if title else "")
+    print(shown[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-"))
+    best = table.iloc[0]
+    if best["mean_acc"] == best["mean_acc"] and best["folds_ok"] >= 2:
         print(f"\nbest configuration {int(best['config'])}: accuracy {best['mean_acc']:.4f} "
-              f"+- {(best['std_acc'] or 0):.4f} over {int(best['folds_ok'])} of {k} folds")
-    return table_df
+              f"(95 % interval {best['ci_low']:.4f} to {best['ci_high']:.4f}) over {int(best['folds_ok'])} of "
+              f"{int(best['k']) * int(best['repeats'])} splits")
+    elif best["mean_acc"] == best["mean_acc"]:
+        print(f"\nbest configuration {int(best['config'])}: accuracy {best['mean_acc']:.4f} on "
+              f"{int(best['folds_ok'])} split (no interval: {best['reason']})")
+    print(ASSUMPTION)
+
+
+CV_COLUMNS = {"config", "k", "repeats", "folds_ok", "mean_acc", "std_acc", "ci_low", "ci_high", "diff_vs_best",
+              "p_vs_best", "p_holm", "p_wilcoxon", "tied_with_best", "reason", "min_acc", "max_acc"}
+
+
+def write_kfold_results(exp: Path, base: TrainConfig, candidates: list[dict[str, Any]], k: int, repeats: int,
+                        results, ray_facts: dict) -> dict[str, Any]:
+    folds = fold_rows(results, candidates, k, base.epochs * base.evals_per_epoch)
+    write_csv(exp / "kfold_folds.csv", folds)
+    table = cv_table(folds, candidates, k, repeats)
+    write_csv(exp / "kfold.csv", table)
+    print_cv_table(table)
+    return {"ray": ray_facts, "k": k, "repeats": repeats, "configurations": len(candidates),
+            "best_config": int(table.iloc[0]["config"])}

@@ -1,7 +1,7 @@
 """Model registry: one entry per architecture; `build_model` applies the training mode.
 
-scratch: random init, everything trained. frozen: pretrained backbone, fixed, only a new 10-class
-head trained (feature extraction). full: pretrained, every layer fine-tuned.
+scratch: random init, everything trained. frozen: pretrained backbone, fixed, only a new head with
+one output per class of the data set trained (feature extraction). full: pretrained, every layer fine-tuned.
 Adding another torchvision classifier is one `ModelEntry` line.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ class SimpleCNN(nn.Module):
 @dataclass(frozen=True)
 class ModelEntry:
     build: Callable[..., nn.Module]       # build(num_classes=..., **kw) with random weights
-    head: str | None                      # dotted path of the final nn.Linear (replaced for 10 classes)
+    head: str | None                      # dotted path of the final nn.Linear (replaced: one output a class)
     weights: str | None                   # torchvision weights enum member, None = no pretrained weights
     scratch_resolution: int               # smallest sensible input when trained from scratch
     min_resolution: int                   # the architecture fails below this
@@ -159,7 +159,7 @@ def pretrained_state(name: str, weights: str | None, download: bool) -> dict[str
             raise UserError(f"downloading {e.weights} failed ({type(err).__name__}); put the file at "
                             f"{cached} or pass --weights PATH") from None
     raise UserError(f"no pretrained weights for {name}: expected {cached} (torchvision's cache); "
-                    f"pass --weights PATH to a state-dict file, or --download when online")
+                    f"pass --weights PATH to a state-dict file, or leave out --offline to download them")
 
 
 def architecture(name: str, mode: str, num_classes: int = 10, width: int = 64) -> nn.Module:
@@ -223,3 +223,11 @@ def join_frozen(backbone: nn.Module, head: nn.Linear, name: str) -> nn.Module:
     parent, leaf = _get_submodule_parent(backbone, entry(name).head)
     setattr(parent, leaf, head)
     return backbone
+
+
+def check_weights(cfg, num_classes: int = 2) -> None:
+    """A pretrained mode's weights load and fit the architecture (a clear error before Ray starts).
+    The head is replaced by a new one of `num_classes` outputs whatever the file holds, so the number
+    of classes of the data set does not decide whether the weights fit (no need to load the data)."""
+    if cfg.mode != "scratch":
+        build_model(cfg.model, cfg.mode, num_classes, cfg.width, cfg.weights, cfg.download)

@@ -5,20 +5,25 @@ re-made at any time: `python -m tune_cifar report EXP`.
 """
 from __future__ import annotations
 
+import base64
+import html
 import math
+import mimetypes
 from pathlib import Path
 from typing import Any
 
+import markdown as markdown_lib  # Markdown -> report.html (`markdown` below is the table helper)
 import matplotlib
 
 matplotlib.use("Agg")                                   # files only, never a window
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from markdown.extensions import Extension
+from markdown.treeprocessors import Treeprocessor
 
 from .config import UserError
-from .results import read_json, write_csv, write_png, write_text
-from .tuning import SUCCEEDED, ranked_trials
+from .folders import ranked_trials, read_json, read_yaml, write_csv, write_png, write_text
 
 TOP_CURVES = 4
 
@@ -29,14 +34,7 @@ def overfitting_gap(history: pd.DataFrame, trial_id: str) -> float:
     return float(h["train_acc"].iloc[-1] - h["val_acc"].iloc[-1]) if len(h) else math.nan
 
 
-def experiment_path(results_dir: Path, name: str) -> Path:
-    p = Path(name) if Path(name).is_dir() and (Path(name) / "spec.yaml").exists() else Path(results_dir) / name
-    if not p.is_dir():
-        raise UserError(f"no experiment folder {p}")
-    return p
-
-
-def _save(fig, path: Path) -> str:
+def save_figure(fig, path: Path) -> str:
     write_png(path, fig)
     plt.close(fig)
     return path.name
@@ -57,7 +55,7 @@ def plot_curves(history: pd.DataFrame, trial_ids: list[str], path: Path) -> str:
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (dashed: train, solid: validation)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy (dashed: train, solid: validation)")
     ax_acc.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rungs(history: pd.DataFrame, trials: pd.DataFrame, path: Path) -> str:
@@ -73,62 +71,44 @@ def plot_rungs(history: pd.DataFrame, trials: pd.DataFrame, path: Path) -> str:
             ax.plot([], [], color=color, label=f"{status} ({int((trials['status'] == status).sum())})")
     ax.set(xlabel="epoch", ylabel="validation accuracy", title="every trial (ASHA stops the weak at its rungs)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_history(trials: pd.DataFrame, path: Path) -> str:
-    order = trials.assign(n=trials["trial_id"].astype(str)).reset_index(drop=True)
-    acc = order["last_val_acc"].astype(float)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(range(1, len(acc) + 1), acc, c=["C0" if s in SUCCEEDED else "C3" for s in order["status"]], s=18)
-    ax.plot(range(1, len(acc) + 1), acc.fillna(0).cummax(), color="C2", label="best so far")
-    ax.set(xlabel="trial (in the order the searcher proposed it)", ylabel="last validation accuracy",
-           title="optimisation history")
-    ax.legend()
-    return _save(fig, path)
-
-
-def plot_parallel(trials: pd.DataFrame, searched: list[str], path: Path) -> str:
-    """Parallel coordinates: each hyper-parameter scaled to [0, 1] (log for ranges spanning > 10x)."""
-    ok = trials[trials["status"].isin(SUCCEEDED)].dropna(subset=["last_val_acc"])
-    cols = []
-    for key in searched:
-        v = ok[key]
-        if pd.api.types.is_numeric_dtype(v) and not pd.api.types.is_bool_dtype(v):
-            v = v.astype(float)
-            if v.min() > 0 and v.max() / v.min() > 10:
-                v = np.log10(v)
-        else:
-            v = v.astype("category").cat.codes.astype(float)
-        span = (v.max() - v.min()) or 1.0
-        cols.append((v - v.min()) / span)
-    fig, ax = plt.subplots(figsize=(1.6 * (len(searched) + 1) + 2, 4.5))
-    acc = ok["last_val_acc"].astype(float).to_numpy()
-    norm = plt.Normalize(acc.min() if len(acc) else 0, acc.max() if len(acc) else 1)
-    for i in range(len(ok)):
-        ys = [c.iloc[i] for c in cols] + [norm(acc[i])]
-        ax.plot(range(len(ys)), ys, color=plt.cm.viridis(norm(acc[i])), alpha=0.8)
-    ax.set_xticks(range(len(searched) + 1), [*searched, "val_acc"])
-    ax.set_yticks([])
-    ax.set_title("parallel coordinates (colour: validation accuracy)")
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax)
-    return _save(fig, path)
-
-
-def plot_importance(exp: Path, path: Path) -> tuple[str | None, str]:
-    """Optuna's fANOVA importances on the stored study; needs a few finished trials."""
+def load_study(exp: Path):
+    """The experiment's Optuna study (optuna.db), or None (random search, kfold, no finished trial)."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = exp / "optuna.db"
+    if not db.is_file():
+        return None
     try:
-        study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{(exp / 'optuna.db').resolve()}")
-        importances = optuna.importance.get_param_importances(study)
-    except Exception as e:                              # too few trials, a single value, ...
-        return None, f"hyper-parameter importance not computed ({type(e).__name__}: {str(e)[:120]})"
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(importances) + 1.5))
-    names = list(importances)[::-1]
-    ax.barh(names, [importances[n] for n in names], color="C0")
-    ax.set(xlabel="importance (fANOVA)", title="hyper-parameter importance")
-    return _save(fig, path), ""
+        return optuna.load_study(study_name=exp.name, storage=f"sqlite:///{db.resolve()}")
+    except (KeyError, ValueError):
+        return None
+
+
+def optuna_plots(exp: Path) -> tuple[dict[str, str], list[str]]:
+    """Optuna's own matplotlib plots of what the study holds: optimisation history, parallel
+    coordinates, fANOVA importance. ({title: png}, notes on what could not be drawn)."""
+    import warnings
+
+    import optuna.visualization.matplotlib as ovm
+    study = load_study(exp)
+    if study is None:
+        return {}, ["no Optuna study in this experiment: optimisation history and importance not drawn"]
+    images, notes = {}, []
+    for title, plot, png in (("Optimisation history", ovm.plot_optimization_history, "history.png"),
+                             ("Parallel coordinates", ovm.plot_parallel_coordinate, "parallel.png"),
+                             ("Hyper-parameter importance (fANOVA)", ovm.plot_param_importances, "importance.png")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")          # Optuna marks its matplotlib backend experimental
+                ax = plot(study)
+            images[title] = save_figure(ax.figure, exp / png)
+        except Exception as e:       # too few finished trials, a single value, ...
+            notes.append(f"{title.lower()} not drawn ({type(e).__name__}: {str(e)[:120]})")
+            plt.close("all")
+    return images, notes
 
 
 # --------------------------------------------------------------------------- test-set plots
@@ -145,14 +125,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> str:
             for j in range(len(classes)):
                 ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=7,
                         color="white" if m[i, j] > m.max() / 2 else "black")
-    return _save(fig, path)
-
-
-def per_class_table(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    from sklearn.metrics import precision_recall_fscore_support
-    p, r, f1, support = precision_recall_fscore_support(labels, preds, labels=list(range(len(classes))),
-                                                        zero_division=0)
-    return pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f1, "support": support})
+    return save_figure(fig, path)
 
 
 def plot_per_class(table: pd.DataFrame, path: Path) -> str:
@@ -163,7 +136,7 @@ def plot_per_class(table: pd.DataFrame, path: Path) -> str:
     ax.set_xticks(x, table["class"], rotation=30, ha="right")
     ax.set(ylim=(0, 1), ylabel="score", title="per-class precision / recall / F1 on the test set")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- the report
@@ -174,34 +147,25 @@ def write_report(exp: Path) -> Path:
         return report_kfold(exp)
     if not (exp / "best.json").exists() or not (exp / "trials.csv").exists():
         raise UserError(f"{exp}: not a finished search (best.json / trials.csv missing)")
-    import yaml
     best = read_json(exp / "best.json")
-    spec = yaml.safe_load((exp / "spec.yaml").read_text())
+    spec = read_yaml(exp / "spec.yaml")
     searched = list(spec["space"])
     trials = pd.read_csv(exp / "trials.csv", dtype={"trial_id": str})
     history = pd.read_csv(exp / "history.csv", dtype={"trial_id": str})
     images: dict[str, str] = {}
-    notes = []
 
     ranked = ranked_trials(trials)
     top = [best["best_trial"]] + [t for t in ranked["trial_id"] if t != best["best_trial"]][:TOP_CURVES - 1]
     images["Training curves (best and runners-up)"] = plot_curves(history, top, exp / "curves.png")
     images["Validation accuracy of every trial"] = plot_rungs(history, trials, exp / "trials_epochs.png")
-    images["Optimisation history"] = plot_history(trials, exp / "history.png")
-    if len(ranked) >= 2:
-        images["Parallel coordinates"] = plot_parallel(trials, searched, exp / "parallel.png")
-    name, note = plot_importance(exp, exp / "importance.png")
-    if name:
-        images["Hyper-parameter importance"] = name
-    elif note:
-        notes.append(note)
+    study_images, notes = optuna_plots(exp)
+    images.update(study_images)
 
-    pred = read_json(exp / "test_predictions.json")
-    labels, preds, classes = np.array(pred["labels"]), np.array(pred["predictions"]), pred["classes"]
-    from sklearn.metrics import confusion_matrix
-    cm = confusion_matrix(labels, preds, labels=list(range(len(classes))))
-    images["Confusion matrix (test set)"] = plot_confusion(cm, classes, exp / "confusion.png")
-    table = per_class_table(labels, preds, classes)
+    # the test metrics were computed once, by the final evaluation, and stored in best.json
+    classes = [c["class"] for c in best["per_class"]]
+    images["Confusion matrix (test set)"] = plot_confusion(np.array(best["confusion_matrix"]), classes,
+                                                           exp / "confusion.png")
+    table = pd.DataFrame(best["per_class"])
     write_csv(exp / "per_class.csv", table)
     images["Per-class precision / recall / F1 (test set)"] = plot_per_class(table, exp / "per_class.png")
 
@@ -210,8 +174,9 @@ def write_report(exp: Path) -> Path:
     lines = [f"# {best['experiment']}", "",
              f"Command: `{spec.get('command', '?')}`", "",
              f"Search space `{spec['source']}`: {spec.get('description', '')}. "
-             f"Data: {cfg['data_dir']}, subset {cfg['subset'] or 'all 50,000'} training images "
-             f"({cfg['val_fraction']:.0%} held out for validation), test set 10,000 images.", "",
+             f"Data: {cfg['data_dir']}, subset {cfg['subset'] or 'all'} training images "
+             f"({cfg['val_fraction']:.0%} held out for validation), {len(classes)} classes, test set "
+             f"{int(np.sum(best['confusion_matrix'])):,} images.", "",
              "## Result", "",
              "| | |", "|---|---|",
              f"| best trial | {best['best_trial']} |",
@@ -222,19 +187,42 @@ def write_report(exp: Path) -> Path:
              f"| trials | {best['trials']} ({', '.join(f'{v} {k}' for k, v in best['status_counts'].items())}) |",
              f"| time per phase (s) | {', '.join(f'{k} {v:.0f}' for k, v in best.get('phases', {}).items())} |",
              "", "Best configuration: " + ", ".join(f"`{k}={v}`" for k, v in best["best_config"].items()), ""]
-    lines += ["## Trials", "", _markdown(ranked.head(10)[["trial_id", "status", *searched, "last_val_acc", "epochs",
+    if best.get("selected_by") == "cv":
+        lines += selection_section(exp, best)
+    lines += ["## Trials", "", markdown(ranked.head(10)[["trial_id", "status", *searched, "last_val_acc", "epochs",
                                                           "seconds"]]), ""]
-    lines += ["## Per class (test set)", "", _markdown(table), ""]
+    lines += ["## Per class (test set)", "", markdown(table), ""]
     for title, img in images.items():
         lines += [f"## {title}", "", f"![{title}]({img})", ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    return write_text(exp / "report.md", "\n".join(lines))
+    return write_markdown_report(exp, "\n".join(lines))
 
 
-def _markdown(df: pd.DataFrame) -> str:
+def selection_section(exp: Path, best: dict[str, Any]) -> list[str]:
+    """search --cv-top as one story: shortlist by single validation scores, re-rank by CV, retrain
+    the winner on all search images, one test."""
+    cv = best["cv"]
+    table = pd.read_csv(exp / cv["table"]).fillna({"reason": ""})
+    img = plot_kfold(exp / Path(cv["table"]).parent, table)
+    shortlist = pd.DataFrame(cv["shortlist"])
+    drop = shortlist["search_val_acc"] - shortlist["cv_mean_acc"]
+    return ["## Selection: search, then cross-validation, then one test", "",
+            f"1. The search ranked {best['trials']} trials by one validation score each. "
+            f"2. The {cv['top']} best were cross-validated ({cv['k']}-fold x {cv['repeats']}) on the same images. "
+            f"3. The configuration with the highest CV mean (configuration {cv['winner']}, search trial "
+            f"{best['best_trial']}) was retrained on all of them for {best['epochs']:g} epochs. "
+            f"4. That model was tested once: **test accuracy {best['test_acc']:.4f}**.", "",
+            "Single validation score against cross-validated mean (the winner's curse: the best of many noisy "
+            f"scores is optimistic; here the shortlist's scores were on average {drop.mean():+.4f} above their "
+            "CV means):", "", markdown(shortlist), ""] + kfold_section(table, f"{Path(cv['table']).parent}/{img}")
+
+
+def markdown(df: pd.DataFrame) -> str:
     def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.4g}"        # NaN: no statistic (the best, or too few folds)
+        return str(v)
     rows = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     rows += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in df.itertuples(index=False)]
     return "\n".join(rows)
@@ -242,92 +230,98 @@ def _markdown(df: pd.DataFrame) -> str:
 
 # --------------------------------------------------------------------------- kfold
 
-def plot_kfold(exp: Path) -> str:
-    table = pd.read_csv(exp / "kfold.csv").sort_values("mean_acc", ascending=False)
+VERDICT_COLORS = {"best": "C2", "tied with best": "C0"}      # anything else (worse, no statistics): grey
+
+
+def plot_kfold(exp: Path, table: pd.DataFrame) -> str:
+    """Mean accuracy per configuration with its 95 % interval as error bars, every split as a dot;
+    green: the best, blue: statistically tied with it, grey: worse (or too few splits to tell)."""
+    from .stats import verdict
+    table = table.sort_values("mean_acc", ascending=False)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(table) + 2), 4))
     x = np.arange(len(table))
-    ax.bar(x, table["mean_acc"], yerr=table["std_acc"].fillna(0), capsize=5, color="C0", alpha=0.8)
+    mean = table["mean_acc"].astype(float)
+    err = np.vstack([(mean - table["ci_low"]).fillna(0), (table["ci_high"] - mean).fillna(0)]).clip(min=0)
+    colors = [VERDICT_COLORS.get(verdict(row), "C7") for _, row in table.iterrows()]
+    ax.bar(x, mean, yerr=err, capsize=5, color=colors, alpha=0.8)
     folds = [c for c in table.columns if c.startswith("fold_")]
     for i, (_, row) in enumerate(table.iterrows()):
-        ax.scatter([i] * len(folds), row[folds], color="k", s=10, zorder=3)
+        ax.scatter([i] * len(folds), row[folds].astype(float), color="k", s=10, zorder=3)
     ax.set_xticks(x, [f"config {int(c)}" for c in table["config"]], rotation=30, ha="right")
-    lo = np.nanmin(table[folds].to_numpy(dtype=float)) if len(table) else 0
-    ax.set(ylabel="validation accuracy", ylim=(max(0, lo - 0.05), min(1, np.nanmax(table["max_acc"]) + 0.03)),
-           title=f"K-fold accuracy, mean +- std (k={int(table['k'].iloc[0])}), ranked")
-    return _save(fig, exp / "kfold.png")
+    values = table[folds + ["ci_low", "ci_high"]].to_numpy(dtype=float)
+    lo, hi = (np.nanmin(values), np.nanmax(values)) if np.isfinite(values).any() else (0.0, 1.0)
+    k, r = int(table["k"].iloc[0]), int(table["repeats"].iloc[0])
+    ax.set(ylabel="validation accuracy", ylim=(max(0, lo - 0.05), min(1, hi + 0.03)),
+           title=f"{k}-fold x {r}: mean and 95 % interval (green best, blue tied, grey worse)")
+    return save_figure(fig, exp / "kfold.png")
+
+
+def kfold_section(table: pd.DataFrame, img: str) -> list[str]:
+    """The cross-validation table in words: which configurations are tied with the best, and why to
+    trust it (the same section serves kfold's report and search --cv-top's)."""
+    from .stats import ASSUMPTION, verdict
+    k, r = int(table["k"].iloc[0]), int(table["repeats"].iloc[0])
+    shown = table.assign(verdict=table.apply(verdict, axis=1))
+    cols = [c for c in shown.columns if not c.startswith("fold_") and c not in ("k", "repeats", "reason")]
+    tied = [str(int(c)) for c, v in zip(shown["config"], shown["verdict"]) if v in ("best", "tied with best")]
+    return [f"{k}-fold stratified cross-validation repeated {r} time(s): {k * r} splits, the same for every "
+            f"configuration. Interval: 95 %; p_holm: paired test against the best, Holm-adjusted.", "",
+            f"Statistically tied with the best (p_holm >= 0.05): configuration(s) {', '.join(tied) or '-'}.", "",
+            ASSUMPTION, "", markdown(shown[cols]), "", f"![k-fold]({img})", ""]
 
 
 def report_kfold(exp: Path) -> Path:
-    table = pd.read_csv(exp / "kfold.csv")
-    img = plot_kfold(exp)
-    import yaml
-    spec = yaml.safe_load((exp / "spec.yaml").read_text())
+    table = pd.read_csv(exp / "kfold.csv", keep_default_na=True).fillna({"reason": ""})
+    img = plot_kfold(exp, table)
+    spec = read_yaml(exp / "spec.yaml")
     lines = [f"# {exp.name}", "", f"Command: `{spec.get('command', '?')}`", "",
-             f"{int(table['k'].iloc[0])}-fold stratified cross-validation of {len(table)} configuration(s) "
-             f"of `{spec['source']}`; std is the sample standard deviation (ddof=1).", "",
-             _markdown(table), "", f"![k-fold]({img})", ""]
-    return write_text(exp / "report.md", "\n".join(lines))
+             f"Configurations of `{spec['source']}`; std is the sample standard deviation (ddof=1).", ""]
+    lines += kfold_section(table, img)
+    return write_markdown_report(exp, "\n".join(lines))
 
 
-# --------------------------------------------------------------------------- compare modes
+# --------------------------------------------------------------------------- report.html
 
-def compare(model: str, results_dir: Path, run_missing: bool = False, data_dir: str | None = None,
-            weights: str | None = None) -> pd.DataFrame:
-    """scratch vs frozen vs full of one model, from the search experiments in results_dir."""
-    from .models import entry
-    entry(model)
-    rows = []
-    for mode in ("scratch", "frozen", "full"):
-        exp = _find_experiment(Path(results_dir), model, mode)
-        if exp is None and run_missing and (model != "simple_cnn" or mode == "scratch"):
-            from .search import SearchOptions, plan_search, run_search
-            name = f"{model}_{mode}"
-            run_search(plan_search(name, SearchOptions(results_dir=Path(results_dir), quick=True, data_dir=data_dir,
-                                                       weights=weights, name=f"{name}_quick")))
-            exp = Path(results_dir) / f"{name}_quick"
-        if exp is None:
-            rows.append({"mode": mode, "experiment": None})
-            continue
-        best = read_json(exp / "best.json")
-        trials = pd.read_csv(exp / "trials.csv", dtype={"trial_id": str})
-        history = pd.read_csv(exp / "history.csv", dtype={"trial_id": str})
-        gpu = best.get("resources", {}).get("gpu", 0)
-        search_s = best.get("phases", {}).get("search", float(trials["seconds"].sum()))
-        rows.append({"mode": mode, "experiment": exp.name, "val_acc": best["val_acc"], "test_acc": best["test_acc"],
-                     "wall_s": round(sum(best.get("phases", {}).values()), 1), "epochs": best["epochs"],
-                     "trials": best["trials"], "gpu_hours": round(gpu * float(trials["seconds"].sum()) / 3600, 4),
-                     "search_s": search_s,
-                     "overfit_gap": overfitting_gap(history, best["best_trial"])})
-    table = pd.DataFrame(rows)
-    out = Path(results_dir) / f"compare_{model}"
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "compare.csv", table)
-    write_text(out / "compare.md",
-               f"# {model}: scratch vs frozen vs full\n\n{_markdown(table)}\n\n![compare](compare.png)\n")
-    done = table.dropna(subset=["test_acc"]) if "test_acc" in table else table.iloc[0:0]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if len(done):
-        x = np.arange(len(done))
-        ax.bar(x - 0.2, done["val_acc"], 0.4, label="validation")
-        ax.bar(x + 0.2, done["test_acc"], 0.4, label="test")
-        ax.set_xticks(x, done["mode"])
-        ax.legend()
-    ax.set(ylabel="accuracy", title=f"{model}: training modes compared")
-    _save(fig, out / "compare.png")
-    print(table.to_string(index=False))
-    print(f"written to {out}")
-    return table
+HTML_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #bbb;padding:3px 8px}
+th{background:#f0f0f0}img{max-width:100%}code{background:#f4f4f4;padding:1px 3px}"""
 
 
-def _find_experiment(results_dir: Path, model: str, mode: str) -> Path | None:
-    """The newest finished search experiment of model x mode in results_dir."""
-    import yaml
-    found = []
-    for spec_file in results_dir.glob("*/spec.yaml"):
-        exp = spec_file.parent
-        if not (exp / "best.json").exists() or (exp / "kfold.csv").exists():
-            continue
-        base = (yaml.safe_load(spec_file.read_text()) or {}).get("base", {})
-        if base.get("model") == model and base.get("mode") == mode:
-            found.append((spec_file.stat().st_mtime, exp))
-    return max(found)[1] if found else None
+def write_markdown_report(exp: Path, text: str) -> Path:
+    """report.md, and beside it report.html: the same content, self-contained (its images embedded)."""
+    path = write_text(exp / "report.md", text)
+    write_text(exp / "report.html", markdown_to_html(text, exp, title=exp.name))
+    return path
+
+
+def markdown_to_html(text: str, folder: Path, title: str) -> str:
+    """Markdown (tables included) -> one HTML page whose local images are base64 data: URIs."""
+    body = markdown_lib.markdown(text, extensions=["tables", "fenced_code", EmbedImages(folder)])
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{HTML_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+class _EmbedImagesProcessor(Treeprocessor):
+    def __init__(self, md, folder: Path):
+        super().__init__(md)
+        self.folder = folder
+
+    def run(self, root) -> None:
+        for img in root.iter("img"):
+            src = img.get("src", "")
+            path = self.folder / src
+            if not src or ":" in src or not path.is_file():          # data:, http(s):, missing: left as they are
+                continue
+            mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            img.set("src", f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}")
+
+
+class EmbedImages(Extension):
+    """Markdown extension: images named relative to `folder` become data: URIs (a self-contained page)."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = Path(folder)
+
+    def extendMarkdown(self, md) -> None:
+        md.treeprocessors.register(_EmbedImagesProcessor(md, self.folder), "embed_images", 0)  # after 'inline'

@@ -1,8 +1,10 @@
-"""`search NAME`: Ray Tune + OptunaSearch (TPE) + ASHA over a search space, then the best trial's test.
+"""`search NAME`: Ray Tune + Optuna TPE (or random search) + ASHA over a search space, then the best
+trial's test.
 
 plan_search() checks everything (space, flags, data, weights, results folder) and touches nothing;
-run_search() then creates the experiment folder, starts Ray, runs or resumes the Tuner, and writes
-trials.csv, history.csv, best.json and best_model.pt through results.py.
+it returns an experiment.Plan that experiment.run() carries out. On --resume the plan is read back
+from plan.json, the single source of truth: flags that contradict it are an error, and an edited
+space file changes nothing.
 """
 from __future__ import annotations
 
@@ -12,25 +14,28 @@ from pathlib import Path
 from typing import Any
 
 from .config import UserError
-from .results import experiment_dir, read_json, write_csv, write_json, write_torch
-from .spaces import Budget, SearchSpec, asha_rounds, check_budget, check_rungs, load_space
-from .tuning import (
-    Phases,
+from .experiment import (
+    Plan,
     RunOptions,
+    check_flags_agree,
+    check_same_space,
     check_time_budget,
-    fault_injection,
     prepare_base,
-    print_phases,
-    ranked_trials,
     run_config,
-    trial_rows,
-    tune_experiment,
 )
+from .folders import experiment_dir, ranked_trials, read_json, write_csv, write_json, write_torch
+from .spaces import SearchSpec, asha_rounds, check_budget, check_rungs, find_space, load_space
+from .trials import trial_rows
 
 METRIC, MODE = "val_acc", "max"
 QUICK = {"num_samples": 6, "max_epochs": 4, "subset": 10000}
 QUICK_BIG_MODEL = {"subset": 1000, "resolution": 64}     # pretrained nets at 224 px are slow on a CPU
+SEARCH_STAGE_FILE = "search.json"     # the search stage's summary when --cv-top selects the winner
 BUDGETED_SAMPLES = 1000        # trials a --time-budget search may propose (the budget ends it first)
+# Flags that define a search's plan: given again on --resume, each must agree with plan.json.
+PLAN_FLAGS = ("num_samples", "max_epochs", "grace_period", "searcher", "quick", "subset", "data_dir", "weights",
+              "seed", "time_budget", "max_failures", "gpus_per_trial", "cpus_per_trial", "cv_top", "k", "repeats",
+              "study_feedback")
 
 
 @dataclass
@@ -38,38 +43,33 @@ class SearchOptions(RunOptions):
     num_samples: int | None = None
     max_epochs: int | None = None
     grace_period: float | None = None
+    searcher: str | None = None
+    study_feedback: str = "pruned"     # "complete": Ray's OptunaSearch as it is (bench search_quality's variant b)
     quick: bool = False
+    cv_top: int | None = None          # cross-validate the N best configurations, retrain the winner, test it
+    k: int = 5                         # with cv_top: folds
+    repeats: int = 1                   # with cv_top: repeats of the K-fold split
 
 
-@dataclass
-class SearchPlan:
-    spec: SearchSpec
-    opts: SearchOptions
-    exp: Path
-    resources: dict[str, float]
-    inject: dict[str, Any]
-
-def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
+def plan_search(name: str, opts: SearchOptions) -> Plan:
     """Every check, before anything is written or started."""
-    spec = load_space(name)
     if opts.resume:
-        exp = experiment_dir(opts.results_dir, opts.name or spec.name, resume=True)
-        saved = read_json(exp / "plan.json")
-        opts = dataclasses.replace(opts, **{k: v for k, v in saved["options"].items()
-                                            if k in ("num_samples", "max_epochs", "grace_period", "subset",
-                                                     "data_dir", "seed", "time_budget", "max_failures")})
+        return resumed_plan(name, opts)
+    spec = load_space(name)
     b = spec.budget
     quick = dict(QUICK, **(QUICK_BIG_MODEL if spec.base.model != "simple_cnn" else {})) if opts.quick else {}
+
     def pick(flag: Any, key: str, from_spec: Any) -> Any:
         """A flag the user gave wins, then the --quick preset, then the search-space file."""
         return flag if flag is not None else quick.get(key, from_spec)
 
     max_epochs = pick(opts.max_epochs, "max_epochs", b.max_epochs)
-    budget = Budget(max_epochs=max_epochs,
-                    grace_period=pick(opts.grace_period, "grace_period", min(b.grace_period, max_epochs)),
-                    reduction_factor=b.reduction_factor,
-                    num_samples=pick(opts.num_samples, "num_samples", b.num_samples),
-                    time_budget_s=pick(opts.time_budget, "time_budget_s", b.time_budget_s))
+    budget = dataclasses.replace(
+        b, max_epochs=max_epochs,
+        grace_period=pick(opts.grace_period, "grace_period", min(b.grace_period, max_epochs)),
+        num_samples=pick(opts.num_samples, "num_samples", b.num_samples),
+        time_budget_s=pick(opts.time_budget, "time_budget_s", b.time_budget_s),
+        searcher=pick(opts.searcher, "searcher", b.searcher))
     if budget.time_budget_s is not None and opts.num_samples is None:
         # with a clock, the clock ends the search: keep proposing trials until it runs out
         budget = dataclasses.replace(budget, num_samples=max(budget.num_samples, BUDGETED_SAMPLES))
@@ -81,80 +81,105 @@ def plan_search(name: str, opts: SearchOptions) -> SearchPlan:
                                "subset": opts.subset if opts.subset is not None else quick.get("subset")}
     if "resolution" in quick and spec.base.mode != "scratch":
         changes["resolution"] = quick["resolution"]
+    if opts.cv_top is not None and opts.cv_top < 1:
+        raise UserError(f"--cv-top={opts.cv_top} must be at least 1")
     base, resources, data_dir = prepare_base(spec, opts, "search", **changes)
-    spec = dataclasses.replace(spec, base=base, budget=budget)
-    exp = experiment_dir(opts.results_dir, opts.name or spec.name, resume=opts.resume, overwrite=opts.overwrite)
-    return SearchPlan(spec, dataclasses.replace(opts, data_dir=data_dir), exp, resources, fault_injection())
+    check_batches(spec, base)
+    if opts.cv_top is not None:
+        from .kfold import check_folds
+        check_folds(opts.k, opts.repeats, base)
+    spec = dataclasses.replace(spec, base=base.replace(seed=opts.seed), budget=budget)
+    exp = experiment_dir(opts.results_dir, opts.name or spec.name, overwrite=opts.overwrite)
+    opts = dataclasses.replace(opts, data_dir=data_dir, subset=base.subset)
+    return make_plan(spec, opts, exp, resources, inject())
 
 
-def make_tuner_factory(plan: SearchPlan, trainable):
-    def make(time_budget_s: float | None):
-        import optuna
-        from ray import tune
-        from ray.tune.schedulers import ASHAScheduler
-        from ray.tune.search.optuna import OptunaSearch
-
-        from .trainable import trial_dirname
-
-        spec, opts = plan.spec, plan.opts
-        max_t, grace = asha_rounds(spec.budget, spec.base.evals_per_epoch)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{(plan.exp / 'optuna.db').resolve()}")
-        searcher = OptunaSearch(space=spec.optuna_space(), metric=METRIC, mode=MODE,
-                                points_to_evaluate=[spec.default_point()], storage=storage,
-                                study_name=plan.exp.name, seed=opts.seed)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
-                                  reduction_factor=spec.budget.reduction_factor)
-        constants = spec.base.replace(seed=opts.seed).to_dict()
-        for k in spec.space:
-            constants.pop(k, None)
-        if plan.inject:
-            constants["_inject"] = plan.inject
-        return tune.Tuner(
-            trainable, param_space=constants,
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=spec.budget.num_samples, reuse_actors=True,
-                                        time_budget_s=time_budget_s, trial_dirname_creator=trial_dirname),
-            run_config=run_config(plan.exp, opts))
-    return make
+def check_batches(spec: SearchSpec, base) -> None:
+    """The largest batch size the space can draw must fit the training images evals_per_epoch times."""
+    from .data import train_size
+    from .fit import check_rounds
+    dist = spec.space.get("batch_size")
+    largest = max(dist.values) if dist is not None else base.batch_size
+    check_rounds(train_size(base), largest, base.evals_per_epoch,
+                 "space.batch_size" if dist is not None else "batch_size")
 
 
-def trainable_for(resources: dict[str, float]):
+def inject() -> dict[str, Any]:
+    from .trainable import fault_injection
+    return fault_injection()
+
+
+def resumed_plan(name: str, opts: SearchOptions) -> Plan:
+    """The plan saved in plan.json, with only the flags that do not change it (address, dashboard,
+    report) taken from this command line."""
+    probe = load_space_name(name)
+    exp = experiment_dir(opts.results_dir, opts.name or probe, resume=True)
+    saved = read_json(exp / "plan.json")
+    spec = SearchSpec.from_dict(saved["spec"], where=str(exp / "plan.json"))
+    check_same_space(name, spec, exp)
+    check_flags_agree(opts, saved["options"], PLAN_FLAGS, exp)
+    opts = dataclasses.replace(opts, **{k: v for k, v in saved["options"].items() if k in PLAN_FLAGS})
+    return make_plan(spec, opts, exp, saved["resources"], saved.get("inject") or {})
+
+
+def load_space_name(name: str) -> str:
+    """The experiment name a space would get (its file's stem), without reading the file."""
+    return find_space(name).stem
+
+
+def make_plan(spec: SearchSpec, opts: SearchOptions, exp: Path, resources: dict[str, float],
+              inject: dict[str, Any]) -> Plan:
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
+               if k not in ("ray", "started", "command", "resume", "overwrite")}
+    return Plan(exp=exp, opts=opts, spec_record=spec.to_dict(),
+                plan_record={"kind": "search", "spec": spec.to_dict(), "options": options, "resources": resources,
+                             "inject": inject},
+                resources=resources, time_budget=spec.budget.time_budget_s, phase="search",
+                make_tuner=lambda trainable, seconds: make_tuner(spec, opts, exp, inject, trainable, seconds),
+                write_results=lambda results, phases, ray_facts: write_search_results(
+                    spec, exp, resources, results, phases, ray_facts, test=opts.cv_top is None),
+                # with --cv-top the search is only the first stage: selection.py writes best.json
+                summary_file="best.json" if opts.cv_top is None else SEARCH_STAGE_FILE)
+
+
+def make_tuner(spec: SearchSpec, opts: SearchOptions, exp: Path, inject: dict[str, Any], trainable,
+               time_budget_s: float | None):
+    import optuna
     from ray import tune
 
-    from .trainable import run_trial
-    return tune.with_resources(run_trial, resources)
+    from .searchers import make_scheduler, make_search_alg, search_callbacks, tune_space
+    from .trainable import trial_dirname
+
+    max_t, grace = asha_rounds(spec.budget, spec.base.evals_per_epoch)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(exp / 'optuna.db').resolve()}")
+    search_alg = make_search_alg(spec.budget.searcher, spec.optuna_space(), [spec.default_point()], METRIC, MODE,
+                                 opts.seed, storage, exp.name, max_t, feedback=opts.study_feedback)
+    constants = spec.base.to_dict()
+    for k in spec.space:
+        constants.pop(k, None)
+    if spec.budget.searcher == "random":
+        constants.update(tune_space(spec.optuna_space()))     # Tune's own sampler draws from the param_space
+    if inject:
+        constants["_inject"] = inject
+    return tune.Tuner(
+        trainable, param_space=constants,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg,
+                                    scheduler=make_scheduler(max_t, grace, spec.budget.reduction_factor,
+                                                             spec.budget.brackets),
+                                    num_samples=spec.budget.num_samples, reuse_actors=True,
+                                    time_budget_s=time_budget_s, trial_dirname_creator=trial_dirname),
+        run_config=run_config(exp, opts, search_callbacks(search_alg)))
 
 
-def run_search(plan: SearchPlan) -> dict[str, Any]:
-    spec, opts, exp = plan.spec, plan.opts, plan.exp
-    trainable = trainable_for(plan.resources)
-    plan_file = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "ray"},
-                 "resources": plan.resources}
-    results, ray_facts, phases = tune_experiment(
-        exp, opts, spec.to_dict(), plan_file, make_tuner_factory(plan, trainable), trainable,
-        spec.budget.time_budget_s, "search")
-    summary = write_search_results(plan, results, phases, ray_facts)
-    if opts.report:
-        from .report import write_report
-        write_report(exp)
-        phases.done("report")
-    summary["phases"] = phases.seconds
-    summary["wall_s"] = round(phases.elapsed(), 1)
-    write_json(exp / "best.json", summary)
-    print_phases(phases, spec.budget.time_budget_s)
-    print(f"test_acc={summary['test_acc']:.4f}")
-    return summary
-
-
-def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: dict) -> dict[str, Any]:
+def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float], results, phases,
+                         ray_facts: dict, test: bool = True) -> dict[str, Any]:
+    """trials.csv and history.csv; then, unless a cross-validation stage follows (test=False), the
+    best trial's model tested once: best_model.pt, test_predictions.json, best.json."""
     import pandas as pd
     import torch
 
-    from .data import load_for
-    from .train import evaluate_test, model_from_state
     from .trainable import STATE_FILE
 
-    spec, exp = plan.spec, plan.exp
     max_t, _ = asha_rounds(spec.budget, spec.base.evals_per_epoch)
     rows, history = trial_rows(results, list(spec.space), max_t)
     trials = pd.DataFrame(rows)
@@ -166,27 +191,41 @@ def write_search_results(plan: SearchPlan, results, phases: Phases, ray_facts: d
     best_row = ranked.iloc[0]
     best_result = next(r for r in results if r.path == best_row["path"])
     params = {k: best_result.config[k] for k in spec.space}     # exact types (the CSV row may hold 128.0)
-    cfg = spec.base.replace(**params, seed=plan.opts.seed)
+    summary = {"experiment": exp.name, "search_space": spec.source, "best_trial": best_row["trial_id"],
+               "best_config": params, "val_acc": float(best_row["last_val_acc"]), "epochs": float(best_row["epochs"]),
+               "trials": len(trials), "status_counts": trials["status"].value_counts().to_dict(),
+               "ray": ray_facts, "resources": resources}
+    if not test:
+        print_summary(trials, summary, list(spec.space))
+        return summary
+    cfg = spec.base.replace(**params)
     with best_result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    model = model_from_state(cfg, state)
-    data = load_for(cfg.replace(threads=None, device="auto"))
-    metrics = evaluate_test(model, cfg.replace(device="auto"), data)
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    summary.update(test_once(exp, cfg, state=state))
     phases.done("test")
+    summary.update(selected_by="validation", phases=phases.seconds)
+    write_json(exp / "best.json", summary)
+    print_summary(trials, summary, list(spec.space))
+    return summary
+
+
+def test_once(exp: Path, cfg, state: dict[str, Any] | None = None, model=None) -> dict[str, Any]:
+    """The experiment's one look at the test set: the chosen model (`model`, or rebuilt from a trial's
+    checkpoint `state`) evaluated once; writes best_model.pt and test_predictions.json."""
+    from .data import device_data
+    from .fit import evaluate_test, model_from_state
+
+    data = device_data(cfg.replace(threads=None, device="auto"))
+    if model is None:
+        model = model_from_state(cfg, state, len(data.classes))
+    metrics = evaluate_test(model, cfg.replace(device="auto"), data)
     write_torch(exp / "best_model.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
                                         "classes": list(data.classes)})
     write_json(exp / "test_predictions.json", {"predictions": metrics.pop("predictions"),
                                                "labels": data.test.y.cpu().tolist(), "classes": list(data.classes)})
-    summary = {"experiment": exp.name, "search_space": spec.source, "best_trial": best_row["trial_id"],
-               "best_config": params, "val_acc": float(best_row["last_val_acc"]),
-               "test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"],
-               "epochs": float(best_row["epochs"]), "config": cfg.to_dict(),
-               "trials": len(trials), "status_counts": trials["status"].value_counts().to_dict(),
-               "checkpoint": "best_model.pt", "ray": ray_facts, "resources": plan.resources, "phases": phases.seconds,
-               "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
-    write_json(exp / "best.json", summary)
-    print_summary(trials, summary, list(spec.space))
-    return summary
+    return {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"], "config": cfg.to_dict(),
+            "classes": list(data.classes), "test_source": data.test_source, "checkpoint": "best_model.pt",
+            "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
 
 
 def print_summary(trials, summary: dict[str, Any], searched: list[str]) -> None:
@@ -194,5 +233,6 @@ def print_summary(trials, summary: dict[str, Any], searched: list[str]) -> None:
     top = trials.sort_values("last_val_acc", ascending=False, na_position="last")[cols]
     print()
     print(top.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    test = f" test_acc={summary['test_acc']:.4f}" if "test_acc" in summary else ""
     print(f"\n{summary['trials']} trials ({', '.join(f'{v} {k}' for k, v in summary['status_counts'].items())}); "
-          f"best {summary['best_trial']}: val_acc={summary['val_acc']:.4f} test_acc={summary['test_acc']:.4f}")
+          f"best {summary['best_trial']}: val_acc={summary['val_acc']:.4f}{test}")

@@ -1,9 +1,14 @@
-"""search_spaces/*.yaml -> a validated SearchSpec. The one place a search-space file is checked.
+"""Search-space files -> a validated SearchSpec. The one place a search-space file is checked.
+
+The shipped spaces live inside the package (tune_cifar/search_spaces/*.yaml, read through
+importlib.resources, so they are found after any kind of install and from any folder); a
+`search_spaces/` folder in the working directory, or a path to a .yaml file, may add one's own.
 
     model: simple_cnn            # simple_cnn | alexnet | vgg16 | resnet18
     mode: scratch                # scratch | frozen | full
     resolution: 32               # optional; default per model x mode
-    budget: {max_epochs: 8, grace_period: 1, reduction_factor: 3, num_samples: 16, time_budget_s: 900}
+    budget: {max_epochs: 8, grace_period: 1, reduction_factor: 3, num_samples: 16, time_budget_s: 900,
+             searcher: tpe, brackets: 1}       # searcher: tpe | random; brackets: ASHA's HyperBand brackets
     resources: {gpu: 0.25, cpu: 1}      # per trial; gpu is used only where GPUs exist
     fixed: {schedule: onecycle, label_smoothing: 0.1, augment: crop_flip}   # any TrainConfig field
     space:                        # searched hyper-parameters: loguniform | uniform | int | choice
@@ -16,6 +21,7 @@ Every error names the file and the key: `search_spaces/x.yaml: space.lr.logunifo
 """
 from __future__ import annotations
 
+import importlib.resources
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +31,10 @@ import yaml
 
 from .config import TrainConfig, UserError
 
-SPACES_DIRS = (Path("search_spaces"), Path(__file__).resolve().parent.parent / "search_spaces")
+SPACES_DIRS = (Path("search_spaces"), Path(str(importlib.resources.files("tune_cifar").joinpath("search_spaces"))))
 TOP_KEYS = {"model", "mode", "resolution", "description", "budget", "resources", "fixed", "space", "default"}
-BUDGET_KEYS = {"max_epochs", "grace_period", "reduction_factor", "num_samples", "time_budget_s"}
+BUDGET_KEYS = {"max_epochs", "grace_period", "reduction_factor", "num_samples", "time_budget_s", "searcher", "brackets"}
+SEARCHERS = ("tpe", "random")
 RESOURCE_KEYS = {"gpu", "cpu"}
 SEARCHABLE = ("lr", "optimizer", "batch_size", "weight_decay", "momentum", "nesterov", "label_smoothing",
               "warmup", "schedule", "augment", "width", "resolution")
@@ -72,6 +79,8 @@ class Budget:
     reduction_factor: float = 3
     num_samples: int = 16
     time_budget_s: float | None = None
+    searcher: str = "tpe"              # tpe (Optuna, the default) | random (Ray Tune's BasicVariantGenerator)
+    brackets: int = 1                  # ASHA's HyperBand brackets
 
 
 @dataclass(frozen=True)
@@ -99,11 +108,19 @@ class SearchSpec:
         return {k: self.default.get(k, d.center()) for k, d in self.space.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved spec, as written to an experiment's spec.yaml."""
+        """The resolved spec, as written to an experiment's spec.yaml and plan.json."""
         return {"name": self.name, "source": self.source, "description": self.description,
                 "base": self.base.to_dict(), "budget": vars(self.budget), "resources": vars(self.resources),
                 "space": {k: {d.kind: list(d.values)} for k, d in self.space.items()},
                 "default": self.default}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> "SearchSpec":
+        """The resolved spec saved by to_dict (plan.json), exactly as it was planned."""
+        return cls(d["name"], d["source"], TrainConfig.from_dict(d["base"], where=where), Budget(**d["budget"]),
+                   Resources(**d["resources"]),
+                   {k: Dist(kind, tuple(values)) for k, v in d["space"].items() for kind, values in v.items()},
+                   dict(d.get("default") or {}), d.get("description", ""))
 
 
 def find_space(name: str) -> Path:
@@ -174,7 +191,9 @@ def parse_space(raw: Any, source: str, name: str = "space") -> SearchSpec:
         num_samples=_number(f"{source}: budget.num_samples", budget_raw.get("num_samples", b.num_samples),
                             integer=True),
         time_budget_s=(None if budget_raw.get("time_budget_s") is None else
-                       _number(f"{source}: budget.time_budget_s", budget_raw["time_budget_s"])))
+                       _number(f"{source}: budget.time_budget_s", budget_raw["time_budget_s"])),
+        searcher=budget_raw.get("searcher", b.searcher),
+        brackets=_number(f"{source}: budget.brackets", budget_raw.get("brackets", b.brackets), integer=True))
     check_budget(budget, f"{source}: budget.")
 
     res_raw = _mapping(f"{source}: resources", raw.get("resources") or {}, RESOURCE_KEYS)
@@ -234,13 +253,15 @@ def parse_dist(where: str, key: str, v: Any, base: TrainConfig) -> Dist:
     return Dist(kind, (low, high))
 
 
-def check_value(where: str, key: str, value: Any, base: TrainConfig) -> None:
-    """A searched value must make a valid TrainConfig on its own (type and range of that field)."""
+def check_value(where: str, key: str, value: Any, base: TrainConfig) -> Any:
+    """A searched or given value must make a valid TrainConfig on its own (type and range of that
+    field); returns it in the field's type (lr=1 -> 1.0)."""
     from .config import coerce
     value = coerce(key, value, where)
     base.replace(**{key: value}).check(where)
     if key == "resolution":
         check_resolution(where, base, value)
+    return value
 
 
 def check_resolution(where: str, base: TrainConfig, resolution: int | None) -> None:
@@ -254,16 +275,20 @@ def check_resolution(where: str, base: TrainConfig, resolution: int | None) -> N
 def check_budget(b: Budget, prefix: str) -> None:
     if b.max_epochs < 1:
         raise UserError(f"{prefix}max_epochs must be >= 1 (got {b.max_epochs})")
-    if b.grace_period <= 0:
+    if not b.grace_period > 0:          # written positively: NaN from a flag fails it
         raise UserError(f"{prefix}grace_period must be > 0 (got {b.grace_period})")
     if b.grace_period > b.max_epochs:
         raise UserError(f"{prefix}grace_period={b.grace_period} is above max_epochs={b.max_epochs}")
-    if b.reduction_factor <= 1:
+    if not b.reduction_factor > 1:
         raise UserError(f"{prefix}reduction_factor must be > 1 (got {b.reduction_factor})")
     if b.num_samples < 1:
         raise UserError(f"{prefix}num_samples must be >= 1 (got {b.num_samples})")
-    if b.time_budget_s is not None and b.time_budget_s <= 0:
+    if b.time_budget_s is not None and not b.time_budget_s > 0:
         raise UserError(f"{prefix}time_budget_s must be > 0 (got {b.time_budget_s})")
+    if b.searcher not in SEARCHERS:
+        raise UserError(f"{prefix}searcher={b.searcher!r} is not one of {', '.join(SEARCHERS)}")
+    if b.brackets < 1:
+        raise UserError(f"{prefix}brackets must be >= 1 (got {b.brackets})")
 
 
 def check_rungs(b: Budget, evals_per_epoch: int, prefix: str) -> None:
@@ -279,11 +304,11 @@ def asha_rounds(b: Budget, evals_per_epoch: int) -> tuple[int, int]:
 
 
 def check_resources(r: Resources, prefix: str, gpus_present: int | None = None) -> None:
-    if r.gpu <= 0:
+    if not r.gpu > 0:
         raise UserError(f"{prefix}gpu must be > 0 (got {r.gpu}); it is ignored where no GPU exists")
     if r.gpu > 1 and r.gpu != int(r.gpu):
         raise UserError(f"{prefix}gpu above 1 must be a whole number (got {r.gpu})")
     if gpus_present and r.gpu > gpus_present:
         raise UserError(f"{prefix}gpu={r.gpu} is more than the {gpus_present} GPU(s) present")
-    if r.cpu <= 0:
+    if not r.cpu > 0:
         raise UserError(f"{prefix}cpu must be > 0 (got {r.cpu})")

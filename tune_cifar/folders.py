@@ -1,4 +1,6 @@
-"""The experiment folder: its layout, and atomic writes that never clobber a result.
+"""The experiment folder: its layout, atomic writes that never clobber a result, and reading it back.
+
+Imports no Ray: report, export, compare and kfold --from-search read folders through this module.
 
     results/<name>/
       spec.yaml      the resolved search space / config and the command that made it
@@ -27,17 +29,28 @@ import yaml
 from .config import UserError
 
 RAY_DIR = "tune"
+SUCCEEDED = ("completed", "stopped", "early_stopped")    # trial statuses that end with a usable val_acc
 
 
-def command_line() -> str:
-    """The command that made an experiment, as a user would type it again."""
-    return "python -m tune_cifar " + shlex.join(sys.argv[1:])
+def command_line(args: list[str] | None = None) -> str:
+    """The command that made an experiment, as a user would type it again (`args`: the arguments
+    of a command run in-process, e.g. by bench or compare; default: this process's own)."""
+    return "python -m tune_cifar " + shlex.join(map(str, sys.argv[1:] if args is None else args))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)      # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; a result file gets the mode any file would (0644 under umask 022),
+        # so a teammate or another node's user can read results/
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -78,6 +91,10 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_yaml(path: Path) -> Any:
+    return yaml.safe_load(Path(path).read_text())
+
+
 def _jsonable(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
@@ -116,9 +133,47 @@ def experiment_dir(results_dir: Path, name: str, *, resume: bool = False, overwr
     return exp
 
 
-def start_experiment(exp: Path, overwrite: bool) -> Path:
-    """Create the folder once every check has passed (replacing it only under --overwrite)."""
-    if overwrite and exp.exists():
-        shutil.rmtree(exp)
+def start_experiment(exp: Path, overwrite: bool, storage: str | None = None) -> Path:
+    """Create the folder once every check has passed (replacing it only under --overwrite, together
+    with Ray Tune's state of the same experiment in a separate local --storage folder)."""
+    if overwrite:
+        if exp.exists():
+            shutil.rmtree(exp)
+        if storage and "://" not in storage and (Path(storage) / RAY_DIR).exists():
+            shutil.rmtree(Path(storage) / RAY_DIR)
     exp.mkdir(parents=True, exist_ok=True)
     return exp
+
+
+def experiment_path(results_dir: Path, name: str) -> Path:
+    """An existing experiment: NAME in the results folder, or a path to the folder itself."""
+    p = Path(name) if Path(name).is_dir() and (Path(name) / "spec.yaml").exists() else Path(results_dir) / name
+    if not p.is_dir():
+        raise UserError(f"no experiment folder {p}")
+    return p
+
+
+def trial_number(trial_dir: str | Path | None) -> int | None:
+    """n of a `trial_<n>_<id>` trial folder (None for a folder not named that way)."""
+    parts = Path(trial_dir or "").name.split("_")
+    return int(parts[1]) if len(parts) >= 2 and parts[0] == "trial" and parts[1].isdigit() else None
+
+
+def ranked_trials(trials):
+    """The rows of trials.csv that finished with a validation accuracy, best first; of equals, the one
+    trained longer (what best.json, --from-search and the report call the best)."""
+    ok = trials[trials["status"].isin(SUCCEEDED)].dropna(subset=["last_val_acc"])
+    return ok.sort_values(["last_val_acc", "rounds"], ascending=False)
+
+
+def find_experiment(results_dir: Path, model: str, mode: str) -> Path | None:
+    """The newest finished search experiment of model x mode in results_dir."""
+    found = []
+    for spec_file in Path(results_dir).glob("*/spec.yaml"):
+        exp = spec_file.parent
+        if not (exp / "best.json").exists() or (exp / "kfold.csv").exists():
+            continue
+        base = (read_yaml(spec_file) or {}).get("base", {})
+        if base.get("model") == model and base.get("mode") == mode:
+            found.append((spec_file.stat().st_mtime, exp))
+    return max(found)[1] if found else None

@@ -1,10 +1,10 @@
 """One configuration -> epochs -> metrics and checkpoints. Imports nothing from Ray.
 
-`fit(cfg, data, on_epoch)` is a flat epoch loop in the style of airbench: batches come from the
+`fit(cfg, data, on_round)` is a flat loop in the style of airbench: batches come from the
 device-resident uint8 store (data.py), the optimiser and schedule step per batch, and after every
-epoch `on_epoch(record, checkpoint)` is called — the Ray trainable reports through it, the plain
-`train` command prints through it. `checkpoint()` builds the resumable state only when asked, so a
-caller that does not save pays nothing.
+round (a part of an epoch) `on_round(record, state)` is called — the Ray trainable reports through
+it, the plain `train` command prints through it. `state()` builds the resumable state only when
+asked, so a caller that does not save pays nothing.
 
 In frozen mode the backbone never changes, so its features are computed once per data set
 (features.py) and only the new head is trained on them — the result is the same model as training
@@ -23,17 +23,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from .config import TrainConfig, UserError
 from .data import DeviceData, device_of
 from .models import REGISTRY, build_model, join_frozen, resolve_resolution, split_frozen
 
-EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
+# on_round(record, state): called after every round with its metrics and a function that builds the
+# resumable state on demand; returning True stops training after this round.
+RoundCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], Any]
 NAN_CHECK_EVERY = 25      # steps between finiteness checks (each one is a device sync on CUDA)
 
 
 @dataclass
 class FitResult:
-    status: str                        # completed | diverged | early_stopped
+    status: str                        # completed | diverged | early_stopped | stopped (by the caller)
     history: list[dict[str, Any]]
     model: nn.Module
 
@@ -102,17 +104,90 @@ def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer,
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, n // batch_size)
+    return n // batch_size
 
 
-def fit(cfg: TrainConfig, data: DeviceData, on_epoch: EpochCallback | None = None,
-        resume: dict[str, Any] | None = None, poison_at: int | None = None) -> FitResult:
+def check_rounds(n_train: int, batch_size: int, evals_per_epoch: int, where: str) -> None:
+    """Every evaluation round must train on at least one full batch; otherwise later rounds would train
+    on nothing and the schedule would end early."""
+    if steps_per_epoch(n_train, batch_size) < evals_per_epoch:
+        what = (f"batch_size={batch_size} is larger than the {n_train} training images" if batch_size > n_train
+                else f"an epoch of {n_train} training images has {steps_per_epoch(n_train, batch_size)} full "
+                     f"batch(es) of {batch_size}, fewer than evals_per_epoch={evals_per_epoch}")
+        raise UserError(f"{where}: {what}: use a smaller batch size or fewer evaluations per epoch")
+
+
+@dataclass
+class Feeds:
+    """What one training mode feeds the loop: the module being trained, its batches, the final model.
+
+    pixel modes (scratch, full): batches of augmented images from the device store.
+    frozen: the fixed backbone's features are computed once (features.py); only the head trains.
+    """
+    trained: nn.Module
+    train: Callable[[torch.Tensor], Any]         # order slice -> (x, y) batches
+    val: Callable[[], Any]                       # -> (x, y) batches
+    final_model: Callable[[], nn.Module]
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, model: nn.Module, data: DeviceData, rt: Runtime, gen: torch.Generator) -> "Feeds":
+        if cfg.mode == "frozen":
+            from .features import frozen_features
+            backbone, head = split_frozen(model, cfg.model)
+            backbone.to(rt.device)
+            feats = frozen_features(backbone, data, rt, key=(cfg.model, cfg.weights))
+            return cls(head, lambda order: feats.train.batches(cfg.batch_size, cfg.augment, gen, order),
+                       lambda: feats.val.batches(1024), lambda: join_frozen(backbone, head, cfg.model))
+        return cls(model,
+                   lambda order: data.train.batches(cfg.batch_size, rt.resolution, cfg.augment, gen, order,
+                                                    channels_last=rt.channels_last),
+                   lambda: data.val.batches(eval_batch(cfg), rt.resolution, channels_last=rt.channels_last),
+                   lambda: model)
+
+
+def rounds_since_best(history: list[dict[str, Any]]) -> int:
+    """Evaluations since the validation loss last improved (by 1e-4): early stopping's counter, derived
+    from the history so that a resumed run stops exactly where an uninterrupted one would."""
+    best, since = float("inf"), 0
+    for h in history:
+        if h["val_loss"] < best - 1e-4:
+            best, since = h["val_loss"], 0
+        else:
+            since += 1
+    return since
+
+
+def train_steps(cfg: TrainConfig, feeds: Feeds, order: torch.Tensor, opt, sched, rt: Runtime) -> dict[str, float]:
+    """One round: a step per batch of `order`; returns the round's train loss, accuracy and images."""
+    feeds.trained.train()
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
+    seen = 0
+    for step, (x, y) in enumerate(feeds.train(order)):
+        with rt.autocast():
+            out = feeds.trained(x)
+            loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+        if step % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss):
+            break
+    return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen), "seen": seen}
+
+
+def fit(cfg: TrainConfig, data: DeviceData, on_round: RoundCallback | None = None,
+        resume: dict[str, Any] | None = None, max_rounds: int | None = None) -> FitResult:
     """Train `cfg` on `data.train`; validate on `data.val` `evals_per_epoch` times per epoch.
 
-    Training runs in rounds: an epoch's shuffled order is cut into `evals_per_epoch` equal parts,
-    and after each part the model is validated and `on_epoch` called (one ASHA iteration), so a
-    search can judge and stop a trial after half an epoch when epochs are expensive.
-    `poison_at` (fault-injection tests only) turns the loss into NaN from that round on.
+    Training runs in rounds: an epoch's shuffled order is cut into `evals_per_epoch` parts of whole
+    batches, and after each part the model is validated and `on_round(record, state)` called (one
+    ASHA iteration), so a search can judge and stop a trial after part of an epoch. `on_round`
+    returning True, or reaching `max_rounds`, stops the run there (status "completed" if it reached
+    the config's last round, else "stopped").
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -120,34 +195,22 @@ def fit(cfg: TrainConfig, data: DeviceData, on_epoch: EpochCallback | None = Non
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.mode, len(data.classes), cfg.width, cfg.weights, cfg.download)
-
-    if cfg.mode == "frozen":
-        from .features import frozen_features
-        backbone, trained = split_frozen(model, cfg.model)
-        backbone.to(rt.device)
-        feats = frozen_features(backbone, data, rt, key=(cfg.model, cfg.weights))
-        train_feed = lambda order: feats.train.batches(cfg.batch_size, cfg.augment, gen, order)
-        val_feed = lambda: feats.val.batches(1024)
-    else:
-        trained = model
-        train_feed = lambda order: data.train.batches(
-            cfg.batch_size, rt.resolution, cfg.augment, gen, order, channels_last=rt.channels_last)
-        val_feed = lambda: data.val.batches(
-            eval_batch(cfg), rt.resolution, channels_last=rt.channels_last)
-    trained.to(rt.device)
+    feeds = Feeds.of(cfg, model, data, rt, gen)
+    feeds.trained.to(rt.device)
     if rt.channels_last:
-        trained.to(memory_format=torch.channels_last)
+        feeds.trained.to(memory_format=torch.channels_last)
 
-    n = len(data.train)
-    rounds = cfg.evals_per_epoch
-    # every round is a whole number of batches, so the schedule knows its length exactly
-    per_round = max(1, steps_per_epoch(n, cfg.batch_size) // rounds) * min(cfg.batch_size, n)
-    opt = make_optimizer(cfg, [p for p in trained.parameters() if p.requires_grad], rt.device)
-    sched = make_schedule(cfg, opt, cfg.epochs * rounds * max(1, per_round // cfg.batch_size))
+    n, rounds = len(data.train), cfg.evals_per_epoch
+    check_rounds(n, cfg.batch_size, rounds, "training")
+    steps_per_round = steps_per_epoch(n, cfg.batch_size) // rounds
+    per_round = steps_per_round * cfg.batch_size      # images per round: whole batches, equal rounds
+    total_rounds = cfg.epochs * rounds
+    opt = make_optimizer(cfg, [p for p in feeds.trained.parameters() if p.requires_grad], rt.device)
+    sched = make_schedule(cfg, opt, total_rounds * steps_per_round)
     history: list[dict[str, Any]] = []
     order = torch.randperm(n, generator=gen)
     if resume is not None:
-        trained.load_state_dict(resume["trained"])
+        feeds.trained.load_state_dict(resume["trained"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         gen.set_state(resume["rng"]["generator"])
@@ -156,62 +219,43 @@ def fit(cfg: TrainConfig, data: DeviceData, on_epoch: EpochCallback | None = Non
         order = resume["order"]
 
     def state() -> dict[str, Any]:
-        return {"trained": {k: v.detach().cpu() for k, v in trained.state_dict().items()},
+        return {"trained": {k: v.detach().cpu() for k, v in feeds.trained.state_dict().items()},
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "order": order,
                 "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
                 "history": list(history), "round": len(history), "config": cfg.to_dict()}
 
-    def final_model() -> nn.Module:
-        return join_frozen(backbone, trained, cfg.model) if cfg.mode == "frozen" else model
-
     status = "completed"
-    best_val_loss, since_best = float("inf"), 0
-    for r in range(len(history), cfg.epochs * rounds):
+    last = total_rounds if max_rounds is None else min(total_rounds, max_rounds)
+    for r in range(len(history), last):
         part = r % rounds
         if part == 0 and r > 0:
             order = torch.randperm(n, generator=gen)
         t0 = time.perf_counter()
-        trained.train()
-        loss_sum = torch.zeros((), device=rt.device)
-        correct = torch.zeros((), device=rt.device, dtype=torch.long)
-        seen = 0
-        for step, (x, y) in enumerate(train_feed(order[part * per_round:(part + 1) * per_round])):
-            with rt.autocast():
-                out = trained(x)
-                loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-                if poison_at is not None and r + 1 >= poison_at:
-                    loss = loss * float("nan")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
-            seen += len(y)
-            if step % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss):
-                break
-        train_loss = loss_sum.item() / max(1, seen)
+        train = train_steps(cfg, feeds, order[part * per_round:(part + 1) * per_round], opt, sched, rt)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc, _ = evaluate(trained, val_feed(), rt)
-        record = {"round": r + 1, "epoch": round((r + 1) / rounds, 4), "train_loss": train_loss,
-                  "train_acc": correct.item() / max(1, seen), "val_loss": val_loss, "val_acc": val_acc,
+        # no validation images (the retrain of a cross-validated winner on its whole pool): NaN, not 0
+        val_loss, val_acc = evaluate(feeds.trained, feeds.val(), rt)[:2] if len(data.val) else (math.nan, math.nan)
+        record = {"round": r + 1, "epoch": round((r + 1) / rounds, 4), "train_loss": train["train_loss"],
+                  "train_acc": train["train_acc"], "val_loss": val_loss, "val_acc": val_acc,
                   "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0,
-                  "images_per_s": seen / max(train_seconds, 1e-9)}
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                  "images_per_s": train["seen"] / max(train_seconds, 1e-9)}
+        if not (math.isfinite(record["train_loss"]) and (math.isfinite(val_loss) or not len(data.val))):
             status = "diverged"
             record.update(val_acc=0.0, val_loss=float("nan"))
-        elif cfg.patience:
-            if val_loss < best_val_loss - 1e-4:
-                best_val_loss, since_best = val_loss, 0
-            else:
-                since_best += 1
-                status = "early_stopped" if since_best >= cfg.patience else status
         history.append(record)
-        if on_epoch is not None:
-            on_epoch(dict(record, status="running" if status == "completed" else status), state)
+        if status != "diverged" and cfg.patience and rounds_since_best(history) >= cfg.patience:
+            status = "early_stopped"
+        stop = on_round is not None and on_round(dict(record, status="running" if status == "completed" else status),
+                                                 state)
         if status != "completed":
             break
-    return FitResult(status, history, final_model())
+        if stop:
+            status = "stopped" if r + 1 < total_rounds else status
+            break
+    else:
+        if len(history) < total_rounds:
+            status = "stopped"          # max_rounds came first
+    return FitResult(status, history, feeds.final_model())
 
 
 def eval_batch(cfg: TrainConfig) -> int:
@@ -257,7 +301,7 @@ def evaluate_test(model: nn.Module, cfg: TrainConfig, data: DeviceData) -> dict[
             "predictions": preds.tolist()}
 
 
-def model_from_state(cfg: TrainConfig, state: dict[str, Any], num_classes: int = 10) -> nn.Module:
+def model_from_state(cfg: TrainConfig, state: dict[str, Any], num_classes: int) -> nn.Module:
     """Rebuild the trained model from a checkpoint `state` (frozen checkpoints hold only the head)."""
     model = build_model(cfg.model, cfg.mode, num_classes, cfg.width, cfg.weights, cfg.download)
     if cfg.mode == "frozen":

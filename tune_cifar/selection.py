@@ -1,0 +1,133 @@
+"""`search NAME --cv-top N [--k K] [--repeats R]`: from a search to one honest test number.
+
+The best of many noisy validation scores is biased upwards (the winner's curse), so with --cv-top
+the search only shortlists:
+  1. search    the usual search (search.py); its summary goes to search.json, the test set untouched;
+  2. cv/       the N best successful configurations cross-validated (kfold.py's machinery and
+               statistics) over the images the search trained and validated on;
+  3. retrain   the configuration with the highest CV mean trained once on all of those images for
+               the full epoch budget (no Ray: one run, checkpointed every round to retrain.pt);
+  4. test      that model evaluated on the test set, once per experiment: best.json, best_model.pt.
+Each stage leaves its files behind, so `--resume` continues at the first unfinished one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from .config import TrainConfig, value_from_csv
+from .experiment import Phases, Plan, print_phases, run
+from .folders import ranked_trials, read_json, write_json, write_torch
+from .search import SEARCH_STAGE_FILE, test_once
+from .spaces import SearchSpec
+
+CV_DIR = "cv"
+RETRAIN_CHECKPOINT = "retrain.pt"
+
+
+def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> dict[str, Any]:
+    opts, exp = plan.opts, plan.exp
+    if (exp / "best.json").exists():       # every stage done: the test set is not looked at again
+        print(f"{exp}: already finished (best.json)")
+        return read_json(exp / "best.json")
+    phases = Phases(opts.started)
+    spec = SearchSpec.from_dict(plan.plan_record["spec"], where=str(exp / "plan.json"))
+    if (exp / SEARCH_STAGE_FILE).exists():
+        print(f"search stage already done ({exp / SEARCH_STAGE_FILE})")
+    else:
+        run(plan)
+    phases.done("search")
+
+    shortlist = shortlisted(exp, list(spec.space), opts.cv_top)
+    candidates = [{k: value_from_csv(k, v) for k, v in row.items()}
+                  for row in shortlist[list(spec.space)].to_dict("records")]
+    table = cross_validate(plan, spec, candidates)
+    phases.done("cv")
+
+    winner = int(table.iloc[0]["config"])
+    cfg = spec.base.replace(**candidates[winner])
+    print(f"\nretraining configuration {winner} on all the images the search trained and validated on, "
+          f"for {cfg.epochs} epochs", flush=True)
+    model = retrain(cfg, exp)
+    phases.done("retrain")
+    tested = test_once(exp, cfg, model=model)
+    phases.done("test")
+
+    search = read_json(exp / SEARCH_STAGE_FILE)
+    row = shortlist.iloc[winner]
+    best = table.iloc[0]
+    summary = {**search, **tested, "selected_by": "cv", "best_trial": row["trial_id"],
+               "best_config": candidates[winner],
+               "val_acc": float(row["last_val_acc"]), "epochs": float(cfg.epochs),
+               "cv": {"k": opts.k, "repeats": opts.repeats, "top": len(shortlist), "winner": winner,
+                      "mean_acc": float(best["mean_acc"]), "ci_low": float(best["ci_low"]),
+                      "ci_high": float(best["ci_high"]), "table": f"{CV_DIR}/kfold.csv",
+                      "shortlist": shortlist_record(shortlist, table, list(spec.space))},
+               "test_evaluations": 1, "phases": phases.seconds}
+    write_json(exp / "best.json", summary)
+    if report is not None:
+        report(exp)
+        phases.done("report")
+    summary.update(phases=phases.seconds, wall_s=round(phases.elapsed(), 1))
+    write_json(exp / "best.json", summary)
+    print(f"\ncross-validated winner: configuration {winner} (search trial {row['trial_id']}): CV accuracy "
+          f"{best['mean_acc']:.4f} [{best['ci_low']:.4f}, {best['ci_high']:.4f}], search validation "
+          f"{row['last_val_acc']:.4f}; retrained, test_acc={tested['test_acc']:.4f}")
+    print_phases(phases)
+    return summary
+
+
+def shortlisted(exp: Path, searched: list[str], top: int) -> pd.DataFrame:
+    """The `top` best successful trials of the search stage (fewer if fewer succeeded, and said)."""
+    ranked = ranked_trials(pd.read_csv(exp / "trials.csv", dtype={"trial_id": str}))
+    shortlist = ranked.head(top).reset_index(drop=True)
+    if len(shortlist) < top:
+        print(f"note: --cv-top {top}: only {len(shortlist)} trial(s) finished successfully; "
+              f"cross-validating {len(shortlist)}", flush=True)
+    return shortlist
+
+
+def cross_validate(plan: Plan, spec: SearchSpec, candidates: list[dict[str, Any]]) -> pd.DataFrame:
+    """Stage 2: kfold over the shortlist in cv/ (resumed where it stopped); returns kfold.csv."""
+    from .kfold import KFoldOptions, make_plan
+    opts, cv = plan.opts, plan.exp / CV_DIR
+    if not (cv / "kfold_summary.json").exists():
+        cv_opts = KFoldOptions(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(KFoldOptions)
+                                  if hasattr(opts, f.name) and f.name not in ("time_budget", "started")},
+                               started=time.time())
+        cv_opts = dataclasses.replace(cv_opts, resume=(cv / "plan.json").exists(), overwrite=False)
+        base = spec.base.replace(patience=0)
+        run(make_plan(spec, cv_opts, base, candidates, cv, plan.resources, plan.plan_record.get("inject") or {}))
+    return pd.read_csv(cv / "kfold.csv").fillna({"reason": ""})
+
+
+def retrain(cfg: TrainConfig, exp: Path):
+    """Stage 3: the winner trained on every image of the pool; a checkpoint per round for --resume."""
+    import torch
+
+    from .data import WHOLE_POOL, device_data
+    from .fit import fit
+    checkpoint = exp / RETRAIN_CHECKPOINT
+    resume = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.exists() else None
+    data = device_data(cfg, fold=WHOLE_POOL)
+
+    def on_round(record: dict[str, Any], state) -> None:
+        write_torch(checkpoint, state())
+        print(f"retrain epoch {record['epoch']:g}: train_loss={record['train_loss']:.4f} "
+              f"train_acc={record['train_acc']:.4f}", flush=True)
+    return fit(cfg, data, on_round=on_round, resume=resume).model
+
+
+def shortlist_record(shortlist: pd.DataFrame, table: pd.DataFrame, searched: list[str]) -> list[dict[str, Any]]:
+    """Per shortlisted trial: its single search validation score beside its CV mean (the gap between
+    the two is the winner's curse the CV stage corrects)."""
+    cv = table.set_index("config")
+    return [{"config": i, "trial_id": row["trial_id"], **{k: value_from_csv(k, row[k]) for k in searched},
+             "search_val_acc": float(row["last_val_acc"]), "cv_mean_acc": float(cv.loc[i, "mean_acc"]),
+             "cv_ci_low": float(cv.loc[i, "ci_low"]), "cv_ci_high": float(cv.loc[i, "ci_high"]),
+             "tied_with_best": None if pd.isna(cv.loc[i, "tied_with_best"]) else bool(cv.loc[i, "tied_with_best"])}
+            for i, row in shortlist.iterrows()]
