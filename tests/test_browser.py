@@ -93,8 +93,10 @@ def shots(tmp_path_factory) -> Path:
 def search(cifar_dir, tmp_path_factory):
     """`search ... --dashboard` running in a subprocess (started, not waited for)."""
     results = tmp_path_factory.mktemp("results")
-    cmd = Command("search", TINY, "--data-dir", cifar_dir, "--subset", "2000", "--num-samples", "6",
-                  "--max-epochs", "2", "--dashboard", "--dashboard-port", free_port(),
+    # 10 trials of up to 3 epochs keep Ray (and its dashboard) up long enough for the browser to log in
+    # and find the trials on a fast machine; the budget bounds it on a slow one
+    cmd = Command("search", TINY, "--data-dir", cifar_dir, "--subset", "3000", "--num-samples", "10",
+                  "--max-epochs", "3", "--time-budget", "150", "--dashboard", "--dashboard-port", free_port(),
                   "--results-dir", results, "--name", EXP)
     cmd.exp = results / EXP
     cmd.results = results
@@ -184,8 +186,16 @@ def test_ray_dashboard_lists_trial_actors(search, chrome, shots):
     box.send_keys(token, Keys.ENTER)           # the box POSTs /api/authenticate, which sets the cookie
     wait_until(chrome, lambda: any(c["name"] == "ray-authentication-token" for c in chrome.get_cookies()), 30,
                "the ray-authentication-token cookie")
-    chrome.get(url.rstrip("/") + "/#/actors")
-    wait_until(chrome, lambda: TRIAL_ACTOR_CLASS in body_text(chrome) and "run_trial" in body_text(chrome), 90,
+    actors = url.rstrip("/") + "/#/actors"
+
+    def trial_actors_listed() -> bool:
+        # the Actors view does not refresh itself: a trial actor seen while still PENDING_CREATION
+        # (no repr yet) shows as such until the page is loaded again
+        chrome.get("about:blank")
+        chrome.get(actors)
+        time.sleep(2)
+        return TRIAL_ACTOR_CLASS in body_text(chrome) and "run_trial" in body_text(chrome)
+    wait_until(chrome, trial_actors_listed, 90,
                f"the Actors view listing {TRIAL_ACTOR_CLASS} actors of run_trial (the search's trials)", every=1)
     assert "Authentication Token Required" not in body_text(chrome)
     assert search.proc.poll() is None or "test_acc=" in search.output(), search.output()[-3000:]
@@ -208,7 +218,8 @@ def test_optuna_dashboard_lists_the_trials(search, chrome, shots):
         assert search.proc.wait(timeout=60) == 0, search.output()[-3000:]
         study = optuna.load_study(study_name=EXP, storage=f"sqlite:///{search.exp / 'optuna.db'}")
         numbers = [t.number for t in study.trials]
-        assert len(numbers) == 6
+        import pandas as pd
+        assert len(numbers) >= 2 and len(numbers) >= len(pd.read_csv(search.exp / "trials.csv"))
         chrome.refresh()
         wait_until(chrome, lambda: all(f"Trial {n}" in body_text(chrome) for n in numbers), 60,
                    f"optuna-dashboard listing trials {numbers}")

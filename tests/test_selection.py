@@ -54,8 +54,14 @@ def test_cv_top_selects_by_cross_validation_and_tests_once(ray_session, cli, cif
     assert "Selection: search, then cross-validation, then one test" in report and "winner's curse" in report
     assert f"test_acc={best['test_acc']:.4f}" in out
 
-    # --resume at each later stage: everything after it is done again, the test once more per command
-    for stage_files in (["best.json"], ["best.json", "retrain.pt"], ["best.json", "retrain.pt", "cv"]):
+    # interrupted after the test but before best.json: --resume writes it without testing again
+    (exp / "best.json").unlink()
+    test_evaluations.clear()
+    rc, out, err = cli(*cv_top_args(cifar_dir, tmp_path, "--resume"))
+    assert rc == 0 and not test_evaluations and (exp / "best.json").is_file(), err
+    # --resume at each earlier stage: everything after it is done again, the test once per command
+    for stage_files in (["best.json", "test.json"], ["best.json", "test.json", "retrain.pt"],
+                        ["best.json", "test.json", "retrain.pt", "cv"]):
         for name in stage_files:
             path = exp / name
             if path.is_dir():
@@ -97,7 +103,8 @@ def test_compare_modes_cross_validated_on_the_same_folds(ray_session, cli, cifar
     exp = tmp_path / "compare_cv_resnet18"
     table = pd.read_csv(exp / "kfold.csv")
     folds = pd.read_csv(exp / "kfold_folds.csv")
-    assert sorted(table["mode"]) == ["frozen", "full", "scratch"] and (table["resolution"] == 32).all()
+    assert sorted(table["mode"]) == ["frozen", "full", "scratch"]
+    assert "resolution" not in table        # --set resolution=32 made it the same for every mode
     assert len(folds) == 6 and set(folds["status"]) == {"completed"}
     # every mode saw the same 2 splits: the paired statistics compare them split by split
     assert folds.groupby("fold")["config"].nunique().eq(3).all()

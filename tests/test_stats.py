@@ -43,8 +43,9 @@ def test_compare_to_best_against_hand_computation():
 
     assert list(res.columns) == ["n_splits", "mean_acc", "std_acc", "ci_low", "ci_high", "diff_vs_best",
                                  "p_vs_best", "p_holm", "p_wilcoxon", "tied_with_best", "reason"]
-    # Sorted by mean: the 1-split config's 0.85 is on top, but it cannot be "the best".
-    assert list(res.index) == ["single", "best", "tied", "loser"]
+    # The best first (callers take row 0 as the winner), then by mean; the 1-split config's higher 0.85
+    # cannot be "the best" and goes after every configuration with an interval.
+    assert list(res.index) == ["best", "tied", "loser", "single"]
 
     # The best's own statistics.
     m = sum(BEST) / J

@@ -164,7 +164,7 @@ def build_parser() -> Parser:
     b.add_argument("--device", choices=("cpu", "cuda"))
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", type=Path, default=Path("bench.json"))
-    b.add_argument("--only", help="comma-separated scenarios: p1,p2,p3,p4,p5,cpu_budget")
+    b.add_argument("--only", help="comma-separated scenarios: p1,p2,p3,p4,p5,cpu_budget,search_quality,rungs")
     b.add_argument("--accept", action="store_true",
                    help="the acceptance set (P1-P7 and the accuracy runs) at fixed sizes per device, each part timed, "
                    "with its target and pass/fail; writes OUT.json and OUT.md")
@@ -240,12 +240,15 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def cmd_compare(a: argparse.Namespace) -> None:
     from .compare import compare_modes, missing_modes
+    pin_dataset(a)
     if a.run_missing:
         for mode in missing_modes(a.model, a.results_dir):
             name = f"{a.model}_{mode}"
-            args = ["search", name, "--quick", "--results-dir", a.results_dir, "--name", f"{name}_quick"]
-            args += ["--data-dir", a.data_dir] if a.data_dir else []
-            args += ["--weights", a.weights] if a.weights else []
+            args = ["search", name, "--quick", "--results-dir", a.results_dir, "--name", f"{name}_quick",
+                    "--seed", a.seed]
+            for flag, value in (("--data-dir", a.data_dir), ("--weights", a.weights), ("--subset", a.subset)):
+                args += [flag, value] if value is not None else []
+            args += [flag for flag, on in (("--offline", a.offline), ("--download", a.download)) if on]
             if main(args) != 0:
                 raise UserError(f"--run-missing: the {mode} search failed (see above)")
     if a.k is None:

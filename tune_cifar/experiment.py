@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import TrainConfig, UserError
-from .folders import RAY_DIR, command_line, start_experiment, write_json, write_yaml
+from .folders import RAY_DIR, command_line, read_json, start_experiment, write_json, write_yaml
 from .ray_session import RayOptions, start_ray, stop_ray, threads_for, trial_resources
 
 TIME_RESERVE = (15.0, 0.02)     # seconds + share of --time-budget kept for the test, report, shut-down
@@ -88,6 +88,9 @@ def run(plan: Plan, report: Callable[[Path], Any] | None = None) -> dict[str, An
     from .trainable import run_trial
 
     opts, exp = plan.opts, plan.exp
+    if opts.resume and (exp / plan.summary_file).exists():    # finished: its test is not run again
+        print(f"{exp}: already finished ({plan.summary_file})")
+        return read_json(exp / plan.summary_file)
     phases = Phases(opts.started)
     if opts.mlflow is not None:
         from .loggers import check_mlflow
@@ -257,6 +260,30 @@ def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[Tr
     return base, resources, data_dir
 
 
+def recorded_options(opts: RunOptions) -> dict[str, Any]:
+    """The options as plan.json records them (what a --resume re-imposes)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
+            if k not in ("ray", "started", "command", "resume", "overwrite")}
+
+
+def reopen(name: str | None, opts: RunOptions, default_name: str, plan_flags: tuple[str, ...]):
+    """An interrupted experiment's saved plan: (folder, plan.json, its spec, the options with the
+    plan's flags re-imposed). `name`, the space the command names (if any), must be the one it was
+    planned from, and flags given again must agree with the plan."""
+    import dataclasses
+
+    from .folders import experiment_dir
+    from .spaces import SearchSpec
+    exp = experiment_dir(opts.results_dir, opts.name or default_name, resume=True)
+    saved = read_json(exp / "plan.json")
+    spec = SearchSpec.from_dict(saved["spec"], where=str(exp / "plan.json"))
+    if name is not None:
+        check_same_space(name, spec, exp)
+    check_flags_agree(opts, saved["options"], plan_flags, exp)
+    opts = dataclasses.replace(opts, **{k: v for k, v in saved["options"].items() if k in plan_flags})
+    return exp, saved, spec, opts
+
+
 def check_same_space(name: str, spec, exp: Path) -> None:
     """On --resume, NAME must be the space the experiment was planned from (its saved copy is used)."""
     from .spaces import find_space
@@ -299,9 +326,11 @@ def tune_path(exp: Path, opts: RayOptions) -> str:
     when every node must reach it, else the experiment folder itself."""
     if not opts.storage:
         return str(exp.resolve())
+    # a stage inside an experiment (search --cv-top's cv/) is kept apart from every other one's
+    name = f"{exp.parent.name}/{exp.name}" if (exp.parent / "plan.json").exists() else exp.name
     if "://" in opts.storage:
-        return f"{opts.storage.rstrip('/')}/{exp.name}"
-    return str(Path(opts.storage).resolve() / exp.name)
+        return f"{opts.storage.rstrip('/')}/{name}"
+    return str(Path(opts.storage).resolve() / name)
 
 
 def run_tuner(make_tuner, exp: Path, opts: RunOptions, trainable, callbacks: list | tuple = ()):

@@ -19,10 +19,10 @@ from .config import TrainConfig, UserError, value_from_csv
 from .experiment import (
     Plan,
     RunOptions,
-    check_flags_agree,
-    check_same_space,
     check_time_budget,
     prepare_base,
+    recorded_options,
+    reopen,
     run_config,
 )
 from .folders import experiment_dir, find_experiment, ranked_trials, read_json, read_yaml, write_csv
@@ -168,24 +168,15 @@ def check_fold_batches(candidates: list[dict[str, Any]], base: TrainConfig, k: i
 
 
 def resumed_plan(name: str | None, opts: KFoldOptions, default_name: str) -> Plan:
-    """The plan saved in plan.json; `name` (the space the command names, if any) must be the one it
-    was planned from, and flags given again must agree with it."""
-    exp = experiment_dir(opts.results_dir, opts.name or default_name, resume=True)
-    saved = read_json(exp / "plan.json")
-    where = str(exp / "plan.json")
-    spec = SearchSpec.from_dict(saved["spec"], where=where)
-    if name is not None:
-        check_same_space(name, spec, exp)
-    check_flags_agree(opts, saved["options"], PLAN_FLAGS, exp)
-    opts = dataclasses.replace(opts, **{k: v for k, v in saved["options"].items() if k in PLAN_FLAGS})
-    return make_plan(spec, opts, TrainConfig.from_dict(saved["base"], where=where), saved["candidates"], exp,
-                     saved["resources"], saved.get("inject") or {})
+    """The plan saved in plan.json (see experiment.reopen)."""
+    exp, saved, spec, opts = reopen(name, opts, default_name, PLAN_FLAGS)
+    return make_plan(spec, opts, TrainConfig.from_dict(saved["base"], where=str(exp / "plan.json")),
+                     saved["candidates"], exp, saved["resources"], saved.get("inject") or {})
 
 
 def make_plan(spec: SearchSpec, opts: KFoldOptions, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
               resources: dict[str, float], inject: dict[str, Any]) -> Plan:
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
-               if k not in ("ray", "started", "command", "resume", "overwrite")}
+    options = recorded_options(opts)
     spec_record = {"kind": "kfold", "k": opts.k, "repeats": opts.repeats, **spec.to_dict(), "base": base.to_dict(),
                    "candidates": candidates}
     return Plan(exp=exp, opts=opts, spec_record=spec_record,
@@ -225,17 +216,21 @@ def make_tuner(base: TrainConfig, candidates: list[dict[str, Any]], opts: KFoldO
         run_config=run_config(exp, opts))
 
 
-def fold_rows(results, candidates: list[dict[str, Any]], k: int, max_rounds: int):
-    """kfold_folds.csv: one row per (configuration, split) trial of a ResultGrid."""
+def fold_rows(results, base: TrainConfig, candidates: list[dict[str, Any]], k: int):
+    """kfold_folds.csv: one row per (configuration, split) trial of a ResultGrid. A trial is completed
+    when it ran its own configuration's rounds (candidates may set other epochs than the base)."""
     import pandas as pd
-    rows, _ = trial_rows(results, ["_candidate", "_fold_index"], max_rounds)
+    rows, _ = trial_rows(results, ["_candidate", "_fold_index"], None)
     folds = []
     for r in rows:
         split = int(r["_fold_index"])
         cand = candidates[int(r["_candidate"])]
+        cfg = base.replace(**cand)
+        status = "completed" if r["status"] == "stopped" and r["rounds"] >= cfg.epochs * cfg.evals_per_epoch \
+            else r["status"]
         folds.append({"config": int(r["_candidate"]), "fold": split, "repeat": split // k, **cand,
                       "accuracy": r["last_val_acc"], "loss": r["last_val_loss"], "epochs": r["epochs"],
-                      "seconds": r["seconds"], "status": r["status"], "node": r["node"], "error": r["error"]})
+                      "seconds": r["seconds"], "status": status, "node": r["node"], "error": r["error"]})
     return pd.DataFrame(folds).sort_values(["config", "fold"])
 
 
@@ -263,9 +258,9 @@ def cv_table(folds, candidates: list[dict[str, Any]], k: int, repeats: int):
 
 
 def print_cv_table(table, title: str = "") -> None:
-    from .stats import ASSUMPTION, verdict
+    from .stats import ASSUMPTION, standing
     searched = [c for c in table.columns if c not in CV_COLUMNS and not c.startswith("fold_")]
-    shown = table.assign(verdict=table.apply(verdict, axis=1))
+    shown = table.assign(verdict=table.apply(standing, axis=1))
     cols = ["config", *[c for c in searched if c != "config"], "folds_ok", "mean_acc", "ci_low", "ci_high",
             "diff_vs_best", "p_holm", "verdict"]
     print(f"\n{title}" if title else "")
@@ -287,10 +282,10 @@ CV_COLUMNS = {"config", "k", "repeats", "folds_ok", "mean_acc", "std_acc", "ci_l
 
 def write_kfold_results(exp: Path, base: TrainConfig, candidates: list[dict[str, Any]], k: int, repeats: int,
                         results, ray_facts: dict) -> dict[str, Any]:
-    folds = fold_rows(results, candidates, k, base.epochs * base.evals_per_epoch)
+    folds = fold_rows(results, base, candidates, k)
     write_csv(exp / "kfold_folds.csv", folds)
     table = cv_table(folds, candidates, k, repeats)
     write_csv(exp / "kfold.csv", table)
     print_cv_table(table)
     return {"ray": ray_facts, "k": k, "repeats": repeats, "configurations": len(candidates),
-            "best_config": int(table.iloc[0]["config"])}
+            "best_configuration": int(table.iloc[0]["config"])}

@@ -236,13 +236,13 @@ VERDICT_COLORS = {"best": "C2", "tied with best": "C0"}      # anything else (wo
 def plot_kfold(exp: Path, table: pd.DataFrame) -> str:
     """Mean accuracy per configuration with its 95 % interval as error bars, every split as a dot;
     green: the best, blue: statistically tied with it, grey: worse (or too few splits to tell)."""
-    from .stats import verdict
+    from .stats import standing
     table = table.sort_values("mean_acc", ascending=False)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(table) + 2), 4))
     x = np.arange(len(table))
     mean = table["mean_acc"].astype(float)
     err = np.vstack([(mean - table["ci_low"]).fillna(0), (table["ci_high"] - mean).fillna(0)]).clip(min=0)
-    colors = [VERDICT_COLORS.get(verdict(row), "C7") for _, row in table.iterrows()]
+    colors = [VERDICT_COLORS.get(standing(row), "C7") for _, row in table.iterrows()]
     ax.bar(x, mean, yerr=err, capsize=5, color=colors, alpha=0.8)
     folds = [c for c in table.columns if c.startswith("fold_")]
     for i, (_, row) in enumerate(table.iterrows()):
@@ -259,9 +259,9 @@ def plot_kfold(exp: Path, table: pd.DataFrame) -> str:
 def kfold_section(table: pd.DataFrame, img: str) -> list[str]:
     """The cross-validation table in words: which configurations are tied with the best, and why to
     trust it (the same section serves kfold's report and search --cv-top's)."""
-    from .stats import ASSUMPTION, verdict
+    from .stats import ASSUMPTION, standing
     k, r = int(table["k"].iloc[0]), int(table["repeats"].iloc[0])
-    shown = table.assign(verdict=table.apply(verdict, axis=1))
+    shown = table.assign(verdict=table.apply(standing, axis=1))
     cols = [c for c in shown.columns if not c.startswith("fold_") and c not in ("k", "repeats", "reason")]
     tied = [str(int(c)) for c, v in zip(shown["config"], shown["verdict"]) if v in ("best", "tied with best")]
     return [f"{k}-fold stratified cross-validation repeated {r} time(s): {k * r} splits, the same for every "

@@ -17,13 +17,13 @@ from .config import UserError
 from .experiment import (
     Plan,
     RunOptions,
-    check_flags_agree,
-    check_same_space,
     check_time_budget,
     prepare_base,
+    recorded_options,
+    reopen,
     run_config,
 )
-from .folders import experiment_dir, ranked_trials, read_json, write_csv, write_json, write_torch
+from .folders import experiment_dir, ranked_trials, write_csv, write_json, write_torch
 from .spaces import SearchSpec, asha_rounds, check_budget, check_rungs, find_space, load_space
 from .trials import trial_rows
 
@@ -86,12 +86,20 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
     base, resources, data_dir = prepare_base(spec, opts, "search", **changes)
     check_batches(spec, base)
     if opts.cv_top is not None:
+        from .data import train_size
+        from .fit import check_rounds
         from .kfold import check_folds
         check_folds(opts.k, opts.repeats, base)
+        dist = spec.space.get("batch_size")
+        check_rounds(train_size(base, k=opts.k), max(dist.values) if dist else base.batch_size,
+                     base.evals_per_epoch, f"--cv-top with --k {opts.k}: space.batch_size")
+    elif (opts.k, opts.repeats) != (5, 1):
+        raise UserError("--k and --repeats choose the folds of --cv-top: add --cv-top N (or use `kfold`)")
     spec = dataclasses.replace(spec, base=base.replace(seed=opts.seed), budget=budget)
     exp = experiment_dir(opts.results_dir, opts.name or spec.name, overwrite=opts.overwrite)
     opts = dataclasses.replace(opts, data_dir=data_dir, subset=base.subset)
-    return make_plan(spec, opts, exp, resources, inject())
+    from .trainable import fault_injection
+    return make_plan(spec, opts, exp, resources, fault_injection())
 
 
 def check_batches(spec: SearchSpec, base) -> None:
@@ -104,33 +112,16 @@ def check_batches(spec: SearchSpec, base) -> None:
                  "space.batch_size" if dist is not None else "batch_size")
 
 
-def inject() -> dict[str, Any]:
-    from .trainable import fault_injection
-    return fault_injection()
-
-
 def resumed_plan(name: str, opts: SearchOptions) -> Plan:
     """The plan saved in plan.json, with only the flags that do not change it (address, dashboard,
-    report) taken from this command line."""
-    probe = load_space_name(name)
-    exp = experiment_dir(opts.results_dir, opts.name or probe, resume=True)
-    saved = read_json(exp / "plan.json")
-    spec = SearchSpec.from_dict(saved["spec"], where=str(exp / "plan.json"))
-    check_same_space(name, spec, exp)
-    check_flags_agree(opts, saved["options"], PLAN_FLAGS, exp)
-    opts = dataclasses.replace(opts, **{k: v for k, v in saved["options"].items() if k in PLAN_FLAGS})
+    report, output) taken from this command line."""
+    exp, saved, spec, opts = reopen(name, opts, find_space(name).stem, PLAN_FLAGS)
     return make_plan(spec, opts, exp, saved["resources"], saved.get("inject") or {})
-
-
-def load_space_name(name: str) -> str:
-    """The experiment name a space would get (its file's stem), without reading the file."""
-    return find_space(name).stem
 
 
 def make_plan(spec: SearchSpec, opts: SearchOptions, exp: Path, resources: dict[str, float],
               inject: dict[str, Any]) -> Plan:
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
-               if k not in ("ray", "started", "command", "resume", "overwrite")}
+    options = recorded_options(opts)
     return Plan(exp=exp, opts=opts, spec_record=spec.to_dict(),
                 plan_record={"kind": "search", "spec": spec.to_dict(), "options": options, "resources": resources,
                              "inject": inject},

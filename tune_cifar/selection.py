@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .config import TrainConfig, value_from_csv
+from .config import TrainConfig, UserError, value_from_csv
 from .experiment import Phases, Plan, print_phases, run
 from .folders import ranked_trials, read_json, write_json, write_torch
 from .search import SEARCH_STAGE_FILE, test_once
@@ -27,6 +27,7 @@ from .spaces import SearchSpec
 
 CV_DIR = "cv"
 RETRAIN_CHECKPOINT = "retrain.pt"
+TESTED_FILE = "test.json"          # the one test's metrics, written the moment it is done
 
 
 def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> dict[str, Any]:
@@ -42,20 +43,27 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
         run(plan)
     phases.done("search")
 
-    shortlist = shortlisted(exp, list(spec.space), opts.cv_top)
+    shortlist = shortlisted(exp, opts.cv_top)
     candidates = [{k: value_from_csv(k, v) for k, v in row.items()}
                   for row in shortlist[list(spec.space)].to_dict("records")]
     table = cross_validate(plan, spec, candidates)
     phases.done("cv")
 
+    if not table["mean_acc"].notna().any():
+        raise UserError(f"{exp / CV_DIR}: no configuration finished a fold (see cv/kfold_folds.csv)")
     winner = int(table.iloc[0]["config"])
-    cfg = spec.base.replace(**candidates[winner])
-    print(f"\nretraining configuration {winner} on all the images the search trained and validated on, "
-          f"for {cfg.epochs} epochs", flush=True)
-    model = retrain(cfg, exp)
-    phases.done("retrain")
-    tested = test_once(exp, cfg, model=model)
-    phases.done("test")
+    # no validation images in the retrain, so nothing for early stopping to watch
+    cfg = spec.base.replace(**candidates[winner], patience=0)
+    if (exp / TESTED_FILE).exists():        # tested already, then interrupted: never test twice
+        tested = read_json(exp / TESTED_FILE)
+    else:
+        print(f"\nretraining configuration {winner} on all the images the search trained and validated on, "
+              f"for {cfg.epochs} epochs", flush=True)
+        model = retrain(cfg, exp)
+        phases.done("retrain")
+        tested = test_once(exp, cfg, model=model)
+        write_json(exp / TESTED_FILE, tested)
+        phases.done("test")
 
     search = read_json(exp / SEARCH_STAGE_FILE)
     row = shortlist.iloc[winner]
@@ -67,7 +75,7 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
                       "mean_acc": float(best["mean_acc"]), "ci_low": float(best["ci_low"]),
                       "ci_high": float(best["ci_high"]), "table": f"{CV_DIR}/kfold.csv",
                       "shortlist": shortlist_record(shortlist, table, list(spec.space))},
-               "test_evaluations": 1, "phases": phases.seconds}
+               "phases": phases.seconds}
     write_json(exp / "best.json", summary)
     if report is not None:
         report(exp)
@@ -81,7 +89,7 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
     return summary
 
 
-def shortlisted(exp: Path, searched: list[str], top: int) -> pd.DataFrame:
+def shortlisted(exp: Path, top: int) -> pd.DataFrame:
     """The `top` best successful trials of the search stage (fewer if fewer succeeded, and said)."""
     ranked = ranked_trials(pd.read_csv(exp / "trials.csv", dtype={"trial_id": str}))
     shortlist = ranked.head(top).reset_index(drop=True)
@@ -99,10 +107,20 @@ def cross_validate(plan: Plan, spec: SearchSpec, candidates: list[dict[str, Any]
         cv_opts = KFoldOptions(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(KFoldOptions)
                                   if hasattr(opts, f.name) and f.name not in ("time_budget", "started")},
                                started=time.time())
-        cv_opts = dataclasses.replace(cv_opts, resume=(cv / "plan.json").exists(), overwrite=False)
+        # continue the folds Tune had saved; a cv/ killed before Tune saved anything starts again
+        restorable = (cv / "plan.json").exists() and can_restore(cv, opts)
+        cv_opts = dataclasses.replace(cv_opts, resume=restorable, overwrite=cv.exists() and not restorable)
         base = spec.base.replace(patience=0)
         run(make_plan(spec, cv_opts, base, candidates, cv, plan.resources, plan.plan_record.get("inject") or {}))
     return pd.read_csv(cv / "kfold.csv").fillna({"reason": ""})
+
+
+def can_restore(exp: Path, opts) -> bool:
+    from ray import tune
+
+    from .experiment import tune_path
+    from .folders import RAY_DIR
+    return tune.Tuner.can_restore(f"{tune_path(exp, opts.ray)}/{RAY_DIR}")
 
 
 def retrain(cfg: TrainConfig, exp: Path):

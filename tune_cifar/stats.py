@@ -25,6 +25,7 @@ __all__ = [
     "corrected_variance",
     "holm",
     "holdout_ratio",
+    "standing",
 ]
 
 # One wording shared by the printed table, the kfold report and the README.
@@ -100,7 +101,7 @@ def corrected_paired_ttest(a: ArrayLike, b: ArrayLike, test_train_ratio: float) 
         if abs(mean_d) <= _ZERO_TOL:
             return 0.0, 0.0, 1.0
         return mean_d, float(np.copysign(np.inf, mean_d)), 0.0
-    t = mean_d / np.sqrt((1.0 / j + test_train_ratio) * np.var(d, ddof=1))
+    t = mean_d / np.sqrt(corrected_variance(d, test_train_ratio))
     p = 2.0 * stats.t.sf(abs(t), j - 1)
     return mean_d, float(t), float(min(p, 1.0))
 
@@ -201,8 +202,14 @@ def compare_to_best(accuracies: pd.DataFrame, test_train_ratio: float, alpha: fl
 
     out["tied_with_best"] = out["tied_with_best"].astype("boolean")
     out["reason"] = out["reason"].astype(str)
-    # Stable sort keeps the best first among equal means; NaN means (no successful split) go last.
-    return out.sort_values("mean_acc", ascending=False, kind="mergesort", na_position="last")
+    # The best first (callers take row 0 as the winner), then those with an interval by mean, then
+    # the rest (fewer than 2 splits) by mean; a stable sort keeps the input order among equals.
+    rank = pd.Series(np.where(eligible, 1, 2), index=out.index)
+    if eligible.any():
+        rank.iloc[best] = 0
+    order = out.assign(_rank=rank).sort_values(["_rank", "mean_acc"], ascending=[True, False], kind="mergesort",
+                                                 na_position="last")
+    return order.drop(columns="_rank")
 
 
 def _wilcoxon_p(d: np.ndarray) -> float:
@@ -218,7 +225,7 @@ def _wilcoxon_p(d: np.ndarray) -> float:
         return float(stats.wilcoxon(d).pvalue)
 
 
-def verdict(row) -> str:
+def standing(row) -> str:
     """How a row of compare_to_best stands against the best, in words (printed table, report, plot)."""
     if isinstance(row["reason"], str) and row["reason"]:
         return row["reason"]
