@@ -86,13 +86,9 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
     base, resources, data_dir = prepare_base(spec, opts, "search", **changes)
     check_batches(spec, base)
     if opts.cv_top is not None:
-        from .data import train_size
-        from .fit import check_rounds
         from .kfold import check_folds
         check_folds(opts.k, opts.repeats, base)
-        dist = spec.space.get("batch_size")
-        check_rounds(train_size(base, k=opts.k), max(dist.values) if dist else base.batch_size,
-                     base.evals_per_epoch, f"--cv-top with --k {opts.k}: space.batch_size")
+        check_batches(spec, base, k=opts.k)
     elif (opts.k, opts.repeats) != (5, 1):
         raise UserError("--k and --repeats choose the folds of --cv-top: add --cv-top N (or use `kfold`)")
     spec = dataclasses.replace(spec, base=base.replace(seed=opts.seed), budget=budget)
@@ -102,14 +98,16 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
     return make_plan(spec, opts, exp, resources, fault_injection())
 
 
-def check_batches(spec: SearchSpec, base) -> None:
-    """The largest batch size the space can draw must fit the training images evals_per_epoch times."""
+def check_batches(spec: SearchSpec, base, k: int | None = None) -> None:
+    """The largest batch size the space can draw must fit the training images evals_per_epoch times
+    (with k: the training part of a fold of the --cv-top stage)."""
     from .data import train_size
     from .fit import check_rounds
     dist = spec.space.get("batch_size")
     largest = max(dist.values) if dist is not None else base.batch_size
-    check_rounds(train_size(base), largest, base.evals_per_epoch,
-                 "space.batch_size" if dist is not None else "batch_size")
+    where = "space.batch_size" if dist is not None else "batch_size"
+    check_rounds(train_size(base, k=k), largest, base.evals_per_epoch,
+                 f"--cv-top with --k {k}: {where}" if k else where)
 
 
 def resumed_plan(name: str, opts: SearchOptions) -> Plan:
