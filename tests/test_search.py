@@ -279,13 +279,37 @@ def test_compare_gathers_the_modes(first_search, results, cli):
     assert is_png(results / "compare_simple_cnn" / "compare.png")
 
 
-def test_time_budget_stops_the_search_and_keeps_the_results(ray_session, results, cifar_dir, cli):
-    rc, out, err = cli(*search_args(cifar_dir, results, "budget", "--num-samples", 200, "--time-budget", 45,
-                                    "--no-report"))
+@pytest.mark.parametrize("searcher", ["tpe", "random"])
+def test_time_budget_stops_the_search_and_keeps_the_results(searcher, ray_session, results, cifar_dir, cli):
+    name = f"budget_{searcher}"
+    rc, out, err = cli(*search_args(cifar_dir, results, name, "--num-samples", 200, "--time-budget", 45,
+                                    "--searcher", searcher, "--no-report"))
     assert rc == 0, err
-    best = json.loads((results / "budget" / "best.json").read_text())
-    trials = pd.read_csv(results / "budget" / "trials.csv")
+    best = json.loads((results / name / "best.json").read_text())
+    trials = pd.read_csv(results / name / "trials.csv")
     assert len(trials) < 200                                   # the budget, not num_samples, ended it
+    # at most one trial per CPU plus one was waiting when the clock ended: no queue of never-run trials
+    import ray
+    assert (trials["status"] == "not_run").sum() <= int(ray.cluster_resources()["CPU"]) + 1, trials["status"]
     assert {"validate", "search", "test"} <= set(best["phases"]) and "of a 45s budget" in out
     assert best["wall_s"] > 0                                  # how close it keeps to the budget: bench cpu_budget
-    assert (results / "budget" / "best_model.pt").is_file() and best["test_acc"] > 0.1
+    assert (results / name / "best_model.pt").is_file() and best["test_acc"] > 0.1
+
+
+def test_kfold_draws_spread_over_the_space():
+    """--num-samples: the default point, then Sobol points that cover each range (the learning rate's
+    low and high ends too), the same for the same seed."""
+    import math
+
+    from tune_cifar.kfold import draw_configs
+    from tune_cifar.spaces import load_space
+    spec = load_space("simple_cnn")
+    draws = draw_configs(spec, 8, seed=0)
+    assert draws[0] == spec.default_point() and len(draws) == 8
+    assert draws == draw_configs(spec, 8, seed=0) and draws != draw_configs(spec, 8, seed=1)
+    low, high = (math.log(v) for v in spec.space["lr"].values)
+    position = sorted((math.log(d["lr"]) - low) / (high - low) for d in draws[1:])
+    # 7 Sobol points over [0, 1): one in each quarter at least, and no two in the same eighth
+    assert all(any(q / 4 <= p < (q + 1) / 4 for p in position) for q in range(4)), position
+    assert len({int(p * 8) for p in position}) == 7, position
+    assert {d["optimizer"] for d in draws[1:]} == {"sgd", "adam", "adamw"}

@@ -69,7 +69,8 @@ def test_frozen_mode_trains_the_head_on_cached_features(cifar_dir, tmp_path):
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     cfg = TrainConfig(model="resnet18", mode="frozen", resolution=32, weights=str(weights), data_dir=str(cifar_dir),
-                      subset=1000, epochs=2, batch_size=64, lr=1e-3, optimizer="adamw", augment="flip")
+                      subset=1000, epochs=2, batch_size=64, lr=1e-3, optimizer="adamw", augment="flip",
+                      precision="fp32")          # exact agreement below: no bf16 rounding on a bf16 CPU
     data = device_data(cfg)
     result = fit(cfg, data)
     assert result.status == "completed"

@@ -122,7 +122,8 @@ def build_parser() -> Parser:
     k.add_argument("--k", type=int, default=5)
     k.add_argument("--repeats", type=int, default=1, help="repeat the K-fold split R times (seeded): J = K x R splits")
     k.add_argument("--epochs", type=int, help="epochs per fold (default: the space's max_epochs)")
-    k.add_argument("--num-samples", type=int, help="draw N configurations from the space (seeded)")
+    k.add_argument("--num-samples", type=int,
+                   help="N configurations: the default point, then seeded Sobol points spread over the space")
     k.add_argument("--from-search", metavar="EXP", help="cross-validate the best of a finished search")
     k.add_argument("--top", type=int, default=3, help="with --from-search: how many of its best trials")
     k.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",

@@ -53,7 +53,7 @@ class TrainConfig:
     seed: int = 0                      # weights init, augmentation, batch order
     # execution
     device: str = "auto"               # auto | cpu | cuda | cuda:N
-    precision: str = "auto"            # auto: bf16 on CUDA for the big nets, fp32 otherwise
+    precision: str = "auto"            # auto: bf16 on CUDA for the big nets and on bf16 CPUs, else fp32
     threads: int | None = None         # intra-op CPU threads; None = torch's default
 
     def replace(self, **changes: Any) -> "TrainConfig":

@@ -48,6 +48,18 @@ class FitResult:
         return max((h["val_acc"] for h in self.history), default=float("nan"))
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), so that oneDNN's bf16
+    convolutions beat fp32: 1.6-1.8x for simple_cnn on the 2-core development machine (BENCHMARKS.md).
+    oneDNN's own "bf16 supported" also says yes on AVX512 CPUs without these instructions, where bf16
+    is emulated and slower than fp32, so the instructions themselves are asked for."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is None:                             # an older torch: no capability table, stay in fp32
+        return False
+    found = caps()
+    return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
+
+
 @dataclass
 class Runtime:
     """How a config runs on this device: decided once, shared by training and evaluation."""
@@ -60,7 +72,8 @@ class Runtime:
     def of(cls, cfg: TrainConfig) -> "Runtime":
         device = device_of(cfg.device)
         cuda = device.type == "cuda"
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and REGISTRY[cfg.model].bf16)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (
+            (cuda and REGISTRY[cfg.model].bf16) or (device.type == "cpu" and cpu_has_bf16())))
         if cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -3,8 +3,8 @@
 Splits: scikit-learn's RepeatedStratifiedKFold (seeded) over the training images (or --subset): J =
 K x R (train, validation) splits, the same for every configuration, so configurations are compared
 split by split with the corrected resampled t-test (stats.py). The test set is never touched.
-Configurations: the space's default point, `--set key=value`, `--num-samples N` drawn from the space
-by Optuna's seeded RandomSampler, or `--from-search EXP --top N` (the N best trials of a search).
+Configurations: the space's default point, `--set key=value`, `--num-samples N` spread over the space
+by Optuna's seeded QMCSampler (Sobol), or `--from-search EXP --top N` (the N best trials of a search).
 Every (configuration, split) pair is one Ray Tune trial with the full epoch budget (no early
 stopping across splits), so they run in parallel and an interrupted run continues with --resume.
 """
@@ -45,14 +45,21 @@ class KFoldOptions(RunOptions):
 
 
 def draw_configs(spec: SearchSpec, n: int, seed: int) -> list[dict[str, Any]]:
-    """N seeded random draws from the space (Optuna's RandomSampler; the first is the default point)."""
+    """The default point, then N - 1 points of a scrambled, seeded Sobol sequence over the space
+    (Optuna's QMCSampler). For the handful of configurations a K-fold compares, a low-discrepancy
+    sequence spreads them over every range (the learning rate's low and high ends included), where a
+    few random draws bunch together. The enqueued default point is the study's first trial, from
+    which QMCSampler reads the space; the Sobol points follow it."""
+    import warnings
+
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
-    draws = [spec.default_point()]
-    while len(draws) < n:
-        draws.append(study.ask(spec.optuna_space()).params)
-    return draws
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    study.enqueue_trial(spec.default_point())
+    return [study.ask(spec.optuna_space()).params for _ in range(n)]
 
 
 def configs_from_search(spec: SearchSpec, results_dir: Path, exp_name: str, top: int) -> list[dict[str, Any]]:

@@ -141,8 +141,12 @@ def make_tuner(spec: SearchSpec, opts: SearchOptions, exp: Path, inject: dict[st
 
     max_t, grace = asha_rounds(spec.budget, spec.base.evals_per_epoch)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(exp / 'optuna.db').resolve()}")
+    import ray
+    # no more trials pending or running than one per CPU of the cluster, plus one ready to start
+    max_live = int(ray.cluster_resources().get("CPU", 1)) + 1
     search_alg = make_search_alg(spec.budget.searcher, spec.optuna_space(), [spec.default_point()], METRIC, MODE,
-                                 opts.seed, storage, exp.name, max_t, feedback=opts.study_feedback)
+                                 opts.seed, storage, exp.name, max_t, feedback=opts.study_feedback,
+                                 max_live=max_live)
     constants = spec.base.to_dict()
     for k in spec.space:
         constants.pop(k, None)

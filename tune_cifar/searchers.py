@@ -304,11 +304,15 @@ def tune_space(optuna_space: dict[str, Any]) -> dict[str, Any]:
 
 def make_search_alg(kind: str, optuna_space: dict[str, Any], points_to_evaluate: list[dict[str, Any]] | None,
                     metric: str, mode: str, seed: int | None, storage: Any, study_name: str | None,
-                    max_t: int, feedback: str = "pruned"):
+                    max_t: int, feedback: str = "pruned", max_live: int = 0):
     """The search_alg for tune.TuneConfig. "tpe": TruthfulOptunaSearch (TPE seeded with `seed`,
     study `study_name` in `storage`). "random": Ray Tune's BasicVariantGenerator seeded through
     random_state (the param_space must hold tune_space(optuna_space)), whose recorder writes the
-    same study. Pass search_callbacks(search_alg) to RunConfig(callbacks=...) in both cases."""
+    same study. Pass search_callbacks(search_alg) to RunConfig(callbacks=...) in both cases.
+    `max_live` (random only; 0: no limit) caps the trials it keeps pending or running: left alone,
+    BasicVariantGenerator queues hundreds of trials up front, and a --time-budget search then ends
+    with them all in trials.csv as not_run (200 of 223 in `bench --only search_quality`). The draws
+    and their order are the same either way."""
     if feedback not in FEEDBACKS:
         raise ValueError(f"feedback={feedback!r}: must be one of {', '.join(FEEDBACKS)}")
     points = [dict(p) for p in points_to_evaluate or []]
@@ -319,7 +323,8 @@ def make_search_alg(kind: str, optuna_space: dict[str, Any], points_to_evaluate:
     if kind == "random":
         recorder = RandomTrialRecorder(optuna_space, metric, mode, max_t, storage=storage,
                                        study_name=study_name, seed=seed)
-        return RandomSearch(points_to_evaluate=points or None, random_state=seed, recorder=recorder)
+        return RandomSearch(points_to_evaluate=points or None, random_state=seed, recorder=recorder,
+                            max_concurrent=max_live)
     raise ValueError(f"search kind {kind!r}: must be one of {', '.join(KINDS)}")
 
 
