@@ -47,10 +47,11 @@ def test_two_trials_per_declared_gpu(gpu_cluster, cifar_dir, tmp_path):
     # With a searcher, Tune keeps one trial pending at a time (tune_controller._get_max_pending_trials),
     # so the 4 workers start one after another (each `import torch` + data, ~5 s on a loaded 2-core
     # machine) and a trial that ends meanwhile hands its worker to the pending trial. The trials are
-    # sized to outlast that ramp: 12 rounds each (grace period = max epochs: ASHA stops none).
+    # sized to outlast that ramp: 24 rounds each (grace period = max epochs: ASHA stops none); 12 were
+    # too few once bf16 on a bf16 CPU made each round ~1.7x faster (trials of 12-20 s, a ramp of 14 s).
     rc, out, err = run_cli("search", TINY, "--address", gpu_cluster.address, "--gpus-per-trial", 0.5,
                            "--cpus-per-trial", 1, "--data-dir", cifar_dir, "--subset", 2000, "--num-samples", 8,
-                           "--max-epochs", 6, "--grace-period", 6, "--results-dir", tmp_path, "--name", "packed",
+                           "--max-epochs", 12, "--grace-period", 12, "--results-dir", tmp_path, "--name", "packed",
                            "--no-report", "--no-tensorboard")
     assert rc == 0, err[-3000:]
     trials = pd.read_csv(tmp_path / "packed" / "trials.csv", dtype={"gpu_ids": str, "cuda_visible_devices": str})
