@@ -231,12 +231,6 @@ def bench_p5(dev: torch.device, data_dir: str | None, quick: bool, work: Path) -
     return out
 
 
-def evaluated_configurations(best: dict[str, Any]) -> int:
-    """Trials the searcher proposed that were started: a trial the clock ended before it started
-    (not_run) was proposed, not evaluated."""
-    return best["trials"] - best["status_counts"].get("not_run", 0)
-
-
 def bench_cpu_budget(data_dir: str | None, work: Path, budget: int = 900) -> dict:
     t0 = time.time()
     cmd = [sys.executable, "-m", "tune_cifar", "search", "simple_cnn", "--time-budget", str(budget),
@@ -244,7 +238,7 @@ def bench_cpu_budget(data_dir: str | None, work: Path, budget: int = 900) -> dic
     subprocess.run(cmd, check=True)
     best = json.loads((work / "cpu_budget" / "best.json").read_text())
     return {"command": " ".join(cmd[1:]), "wall_s": round(time.time() - t0, 1), "budget_s": budget,
-            "trials": best["trials"], "configurations": evaluated_configurations(best),
+            "trials": best["trials"], "configurations": _ran(work / "cpu_budget"),
             "status_counts": best["status_counts"], "test_acc": best["test_acc"],
             "val_acc": best["val_acc"], "phases": best["phases"], "best_config": best["best_config"]}
 
@@ -311,8 +305,8 @@ def bench_search_quality(data_dir: str | None, quick: bool, work: Path) -> dict[
             t0 = time.time()
             s = _search("simple_cnn", work, f"q_{variant}_{seed}", data_dir, subset=subset, time_budget=budget,
                         seed=seed, **flags)
-            runs[variant].append({"seed": seed, "trials": s["trials"], "configurations": evaluated_configurations(s),
-                                  "best_val_acc": s["val_acc"],
+            runs[variant].append({"seed": seed, "trials": s["trials"],
+                                  "configurations": _ran(work / f"q_{variant}_{seed}"), "best_val_acc": s["val_acc"],
                                   "test_acc": s["test_acc"], "wall_s": round(time.time() - t0, 1)})
         runs["d_optuna_alone"].append({"seed": seed, **optuna_alone("simple_cnn", data_dir, subset, seed, budget)})
         print(f"search_quality seed {seed}: " + ", ".join(f"{v} {r[-1]['test_acc']:.4f}" for v, r in runs.items()),
@@ -338,18 +332,13 @@ def bench_rungs(data_dir: str | None, quick: bool, work: Path) -> dict[str, Any]
     stops one); per round, Spearman's rank correlation of validation accuracy with the final one.
     The rounds are quarter epochs whatever the space evaluates at: every place a rung could go."""
     import pandas as pd
-    import yaml
     from scipy import stats
 
     from .spaces import load_space
     subset, n = (3000, 6) if quick else (10000, 16)
-    spec = load_space("simple_cnn")
-    raw = yaml.safe_load(open(spec.source))
-    raw["fixed"]["evals_per_epoch"] = 4
-    space = work / "simple_cnn_quarter_epochs.yaml"
-    space.write_text(yaml.safe_dump(raw))
-    max_epochs = spec.budget.max_epochs
-    s = _search(str(space), work, "rungs", data_dir, subset=subset, num_samples=n, grace_period=max_epochs, seed=0)
+    max_epochs = load_space("simple_cnn").budget.max_epochs
+    s = _search(_space_at("simple_cnn", None, work, evals_per_epoch=4), work, "rungs", data_dir, subset=subset,
+                num_samples=n, grace_period=max_epochs, seed=0)
     history = pd.read_csv(work / "rungs" / "history.csv", dtype={"trial_id": str})
     acc = history.pivot(index="trial_id", columns="round", values="val_acc")
     final = acc[acc.columns.max()]
@@ -493,16 +482,22 @@ def _flags(flags: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if k != "set_resolution"}
 
 
-def _space_at(space: str, resolution: int | None, work: Path) -> str:
-    """The space's name, or a copy of its file at another resolution (scaled-down runs say so)."""
-    if resolution is None:
+def _space_at(space: str, resolution: int | None, work: Path, **fixed: Any) -> str:
+    """The space's name, or a copy of its file at another resolution and/or with other `fixed`
+    settings (scaled-down runs say so)."""
+    if resolution is None and not fixed:
         return space
     import yaml
 
     from .spaces import load_space
     raw = yaml.safe_load(open(load_space(space).source))
-    raw["resolution"] = resolution
-    path = work / f"{space}_{resolution}px.yaml"
+    tags = []
+    if resolution is not None:
+        raw["resolution"] = resolution
+        tags.append(f"{resolution}px")
+    raw.setdefault("fixed", {}).update(fixed)
+    tags += [f"{k}_{v}" for k, v in fixed.items()]
+    path = work / f"{space}_{'_'.join(tags)}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
 
@@ -606,7 +601,7 @@ def accept_search(space: str, dev: torch.device, data_dir: str | None, flags: di
     wall = time.perf_counter() - t0
     print(f"{name}: {space} test_acc {s['test_acc']:.4f} ({s['trials']} trials, {wall:.0f}s)", flush=True)
     return s["test_acc"], {"space": space, "flags": flags, "trials": s["trials"],
-                           "configurations": evaluated_configurations(s), "val_acc": s["val_acc"],
+                           "configurations": _ran(work / name), "val_acc": s["val_acc"],
                            "wall_s": round(wall, 1), "status_counts": s["status_counts"],
                            "best_config": s["best_config"]}
 

@@ -134,6 +134,7 @@ def make_plan(spec: SearchSpec, opts: SearchOptions, exp: Path, resources: dict[
 def make_tuner(spec: SearchSpec, opts: SearchOptions, exp: Path, inject: dict[str, Any], trainable,
                time_budget_s: float | None):
     import optuna
+    import ray
     from ray import tune
 
     from .searchers import make_scheduler, make_search_alg, search_callbacks, tune_space
@@ -141,7 +142,6 @@ def make_tuner(spec: SearchSpec, opts: SearchOptions, exp: Path, inject: dict[st
 
     max_t, grace = asha_rounds(spec.budget, spec.base.evals_per_epoch)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(exp / 'optuna.db').resolve()}")
-    import ray
     # no more trials pending or running than one per CPU of the cluster, plus one ready to start
     max_live = int(ray.cluster_resources().get("CPU", 1)) + 1
     search_alg = make_search_alg(spec.budget.searcher, spec.optuna_space(), [spec.default_point()], METRIC, MODE,
