@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,12 +148,14 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out waiting for the driver")
 
 
-def _kill_midway(args, exp: Path, gcs: str) -> None:
-    """Start the CLI as its own driver on the module's Ray, SIGKILL it once 2 trials have checkpoints."""
+def _kill_midway(args, exp: Path, gcs: str, ready=None) -> None:
+    """Start the CLI as its own driver on the module's Ray, SIGKILL it once `ready(exp)` (by default:
+    once 2 trials have checkpoints)."""
+    ready = ready or (lambda exp: len(list((exp / "tune").glob("trial_*/checkpoint_*"))) >= 2)
     proc = subprocess.Popen([sys.executable, "-m", "tune_cifar", *map(str, args), "--address", gcs], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: len(list((exp / "tune").glob("trial_*/checkpoint_*"))) >= 2, 240, proc)
+        _wait_for(lambda: ready(exp), 240, proc)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -160,18 +163,37 @@ def _kill_midway(args, exp: Path, gcs: str) -> None:
 
 
 def _rounds_tune_saved(exp: Path) -> dict[str, int]:
-    """Per trial, the last round Tune had recorded with a checkpoint in its experiment state when the
-    driver died (0: none yet). Rounds reported after that snapshot are Tune's to run again on resume."""
+    """Per trial, the round of the checkpoint Tune's experiment state named when the driver died
+    (0: none yet). Rounds reported after that snapshot are Tune's to run again on resume."""
     from ray.tune import ExperimentAnalysis
-    analysis = ExperimentAnalysis(str(exp / "tune"))
     saved = {}
-    for trial in analysis.trials:
-        checkpoint = analysis.get_last_checkpoint(trial)
-        saved[trial.trial_id] = 0
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                saved[trial.trial_id] = torch.load(Path(d) / "state.pt", weights_only=False)["round"]
+    for trial in ExperimentAnalysis(str(exp / "tune")).trials:
+        named = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+        saved[trial.trial_id] = named.metrics["training_iteration"] if named else 0
     return saved
+
+
+def _running_with_named_checkpoint(exp: Path) -> list:
+    """The trials Tune's saved experiment state has as unfinished (it saves a running one as pending),
+    with a checkpoint to restore from."""
+    from ray.tune import ExperimentAnalysis
+    try:
+        trials = ExperimentAnalysis(str(exp / "tune")).trials
+    except Exception:      # no state written yet, or caught mid-write
+        return []
+    return [t for t in trials if t.status not in ("TERMINATED", "ERROR") and t.checkpoint is not None]
+
+
+def _lose_a_named_checkpoint(exp: Path) -> str:
+    """Leave what a driver killed at the worst moment leaves: the experiment state names a checkpoint of
+    a running trial that num_to_keep=1 has already replaced by a newer one (moved here: same rounds,
+    next number). Without checkpoint_mend, that trial's restore fails on every retry."""
+    (trial, *_) = _running_with_named_checkpoint(exp)
+    named = Path(trial.checkpoint.path)
+    newer = named.with_name(f"checkpoint_{int(named.name.split('_')[1]) + 1:06d}")
+    shutil.rmtree(newer, ignore_errors=True)      # one the dead driver had not yet recorded
+    named.rename(newer)
+    return trial.trial_id
 
 
 def _assert_saved_rounds_not_rerun(exp: Path, saved: dict[str, int]) -> None:
@@ -179,7 +201,9 @@ def _assert_saved_rounds_not_rerun(exp: Path, saved: dict[str, int]) -> None:
         if not rounds:
             continue
         (trial_dir,) = (exp / "tune").glob(f"trial_*_{trial_id}")
-        ran = pd.read_csv(trial_dir / "progress.csv")["training_iteration"]
+        progress = pd.read_csv(trial_dir / "progress.csv")
+        assert (progress["training_iteration"] == progress["round"]).all()    # Ray counts our rounds
+        ran = progress["training_iteration"]
         assert sorted(ran[ran <= rounds]) == list(range(1, rounds + 1)), (trial_id, rounds, ran.tolist())
 
 
@@ -233,11 +257,13 @@ def test_kfold_from_search_and_explicit_set(first_search, results, cifar_dir, cl
 
 
 def test_kfold_resumes_after_sigkill(ray_session, results, cifar_dir, cli):
-    args = kfold_args(cifar_dir, results, "kf_killed", "--num-samples", 2, "--no-report")
-    _kill_midway(args, results / "kf_killed", ray_session)
+    args = kfold_args(cifar_dir, results, "kf_killed", "--num-samples", 2, "--no-report", "--epochs", 2)
+    _kill_midway(args, results / "kf_killed", ray_session, ready=_running_with_named_checkpoint)
     saved = _rounds_tune_saved(results / "kf_killed")
+    lost = _lose_a_named_checkpoint(results / "kf_killed")
     rc, _, err = cli(*args, "--resume")
     assert rc == 0, err
+    assert f"trial {lost}'s saved state named a checkpoint replaced" in err
     _assert_saved_rounds_not_rerun(results / "kf_killed", saved)
     folds = pd.read_csv(results / "kf_killed" / "kfold_folds.csv")
     assert len(folds) == 6 and set(folds["status"]) == {"completed"}

@@ -338,10 +338,13 @@ def run_tuner(make_tuner, exp: Path, opts: RunOptions, trainable, callbacks: lis
     run with this command's output `callbacks` (add_output)."""
     from ray import tune
 
+    from .checkpoint_mend import mend_missing_checkpoints
+
     if opts.resume:
         path = f"{tune_path(exp, opts.ray)}/{RAY_DIR}"
         if not tune.Tuner.can_restore(path):
             raise UserError(f"--resume: {path} holds no Ray Tune state to continue")
+        mend_missing_checkpoints(path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = make_tuner()

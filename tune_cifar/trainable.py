@@ -174,8 +174,11 @@ def run_trial(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             torch.save(state(), os.path.join(d, STATE_FILE))
             Path(d, META_FILE).write_text(json.dumps(when))
-            # fit() already reports val_acc = 0.0 for a diverged round; add where and when the trial runs
-            tune.report(dict(record, node=node, **when, reported_at=now_iso(), **where),
+            # fit() already reports val_acc = 0.0 for a diverged round; add where and when the trial runs.
+            # training_iteration is the round itself, not Ray's count since restore: the two differ after
+            # --resume continued from a newer checkpoint than the one Ray had named (checkpoint_mend.py).
+            tune.report(dict(record, training_iteration=record["round"], node=node, **when,
+                             reported_at=now_iso(), **where),
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
