@@ -93,6 +93,7 @@ def test_bf16_training_on_cpu(name, mode, resolution, small_cifar, weights, tmp_
     for key in ("train_loss", "val_loss"):
         assert math.isfinite(record[key]) and record[key] > 0, (key, record)
     assert math.isfinite(metrics["test_loss"]) and 0 <= metrics["test_acc"] <= 1
+    assert metrics["precision_used"] == record["precision_used"] == "bf16"     # what ran, not only what was asked
     (printed,) = epoch_lines(out)                               # what was printed is what was written
     assert f"train_loss={record['train_loss']:.4f}" in printed and f"val_loss={record['val_loss']:.4f}" in printed
 
@@ -179,6 +180,7 @@ def test_auto_precision_on_the_cpu_follows_native_bf16(native, monkeypatch):
     monkeypatch.setattr(fit, "cpu_has_bf16", lambda: native)
     cfg = TrainConfig(model="simple_cnn", mode="scratch", device="cpu")
     assert fit.Runtime.of(cfg).autocast_dtype == (torch.bfloat16 if native else None)
+    assert fit.Runtime.of(cfg).precision_used == ("bf16" if native else "fp32")
     assert fit.Runtime.of(cfg.replace(precision="fp32")).autocast_dtype is None
     assert fit.Runtime.of(cfg.replace(precision="bf16")).autocast_dtype == torch.bfloat16
 

@@ -62,6 +62,9 @@ def test_search_writes_consistent_results(first_search):
     best = json.loads((exp / "best.json").read_text())
     assert best["val_acc"] == trials["last_val_acc"].max()
     assert 0.1 < best["test_acc"] <= 1
+    # precision: auto, resolved by each trial on its own CPU (bf16 where it computes bf16 natively)
+    from tune_cifar.fit import cpu_has_bf16
+    assert set(trials["precision_used"]) == {"bf16" if cpu_has_bf16() else "fp32"} == {best["precision_used"]}
     saved = torch.load(exp / "best_model.pt", weights_only=True)
     assert saved["config"]["lr"] == pytest.approx(best["best_config"]["lr"])
     # the test accuracy in best.json is what the saved model scores on the test set

@@ -48,6 +48,7 @@ def test_cv_top_selects_by_cross_validation_and_tests_once(ray_session, cli, cif
     assert saved["config"]["epochs"] == 1 and best["epochs"] == 1
     retrain = torch.load(exp / "retrain.pt", weights_only=True)
     assert len(retrain["history"]) == 2                       # 1 epoch x 2 evaluations, on all 2,000 images
+    assert best["precision_used"] == retrain["history"][-1]["precision_used"] in {"bf16", "fp32"}
     preds = json.loads((exp / "test_predictions.json").read_text())
     assert sum(map(sum, best["confusion_matrix"])) == len(preds["labels"]) == 10_000
     report = (exp / "report.md").read_text()

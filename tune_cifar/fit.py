@@ -81,6 +81,12 @@ class Runtime:
         return cls(device, resolve_resolution(cfg.model, cfg.mode, cfg.resolution),
                    torch.bfloat16 if bf16 else None, channels_last=True)
 
+    @property
+    def precision_used(self) -> str:
+        """What `precision: auto` resolved to here ("bf16" or "fp32"), recorded with every round: a
+        cluster's workers can differ from the driver, and from each other."""
+        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -251,7 +257,7 @@ def fit(cfg: TrainConfig, data: DeviceData, on_round: RoundCallback | None = Non
         record = {"round": r + 1, "epoch": round((r + 1) / rounds, 4), "train_loss": train["train_loss"],
                   "train_acc": train["train_acc"], "val_loss": val_loss, "val_acc": val_acc,
                   "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0,
-                  "images_per_s": train["seen"] / max(train_seconds, 1e-9)}
+                  "images_per_s": train["seen"] / max(train_seconds, 1e-9), "precision_used": rt.precision_used}
         if not (math.isfinite(record["train_loss"]) and (math.isfinite(val_loss) or not len(data.val))):
             status = "diverged"
             record.update(val_acc=0.0, val_loss=float("nan"))

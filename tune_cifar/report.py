@@ -183,6 +183,8 @@ def write_report(exp: Path) -> Path:
              f"| validation accuracy | {best['val_acc']:.4f} |",
              f"| **test accuracy** | **{best['test_acc']:.4f}** |",
              f"| epochs trained | {best['epochs']:g} |",
+             f"| trained in | {best.get('precision_used') or 'not recorded'} "
+             f"(precision: {cfg.get('precision', 'auto')}) |",
              f"| overfitting gap (train - val accuracy, last epoch) | {gap:+.4f} |",
              f"| trials | {best['trials']} ({', '.join(f'{v} {k}' for k, v in best['status_counts'].items())}) |",
              f"| time per phase (s) | {', '.join(f'{k} {v:.0f}' for k, v in best.get('phases', {}).items())} |",

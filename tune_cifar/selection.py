@@ -59,9 +59,10 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
     else:
         print(f"\nretraining configuration {winner} on all the images the search trained and validated on, "
               f"for {cfg.epochs} epochs", flush=True)
-        model = retrain(cfg, exp)
+        retrained = retrain(cfg, exp)
         phases.done("retrain")
-        tested = test_once(exp, cfg, model=model)
+        tested = {**test_once(exp, cfg, model=retrained.model),
+                  "precision_used": retrained.last.get("precision_used")}
         write_json(exp / TESTED_FILE, tested)
         phases.done("test")
 
@@ -124,7 +125,8 @@ def can_restore(exp: Path, opts) -> bool:
 
 
 def retrain(cfg: TrainConfig, exp: Path):
-    """Stage 3: the winner trained on every image of the pool; a checkpoint per round for --resume."""
+    """Stage 3: the winner trained on every image of the pool; a checkpoint per round for --resume.
+    Returns fit's FitResult (the model, and the rounds with the precision they ran in)."""
     import torch
 
     from .data import WHOLE_POOL, device_data
@@ -137,7 +139,7 @@ def retrain(cfg: TrainConfig, exp: Path):
         write_torch(checkpoint, state())
         print(f"retrain epoch {record['epoch']:g}: train_loss={record['train_loss']:.4f} "
               f"train_acc={record['train_acc']:.4f}", flush=True)
-    return fit(cfg, data, on_round=on_round, resume=resume).model
+    return fit(cfg, data, on_round=on_round, resume=resume)
 
 
 def shortlist_record(shortlist: pd.DataFrame, table: pd.DataFrame, searched: list[str]) -> list[dict[str, Any]]:

@@ -80,7 +80,8 @@ def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool, comman
     metrics = evaluate_test(result.model, cfg, data)
     metrics.pop("predictions")
     out = {"status": result.status, "test_acc": metrics["test_acc"], "val_acc": result.last.get("val_acc"),
-           "best_val_acc": result.best_val_acc, "epochs": result.last.get("epoch", 0), **metrics,
+           "best_val_acc": result.best_val_acc, "epochs": result.last.get("epoch", 0),
+           "precision_used": result.last.get("precision_used"), **metrics,
            "history": result.history, "config": cfg.to_dict(), "test_source": data.test_source,
            "seconds": round(time.time() - started, 2)}
     write_json(exp / "metrics.json", out)

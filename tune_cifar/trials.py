@@ -58,6 +58,7 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
                     "gpu_ids": metrics.get("gpu_ids", ""),
                     "cuda_visible_devices": metrics.get("cuda_visible_devices", ""),
                     "device": metrics.get("device_used", ""),
+                    "precision_used": metrics.get("precision_used", ""),
                     "error": metrics.get("error") or last_line(result.error),
                     "path": result.path})
         rows.append(row)
