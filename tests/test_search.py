@@ -176,27 +176,39 @@ def _rounds_tune_saved(exp: Path) -> dict[str, int]:
     return saved
 
 
+KFOLD_KILLED_ROUNDS = 4          # test_kfold_resumes_after_sigkill: 2 epochs x 2 evaluations
+
+
 def _running_with_named_checkpoint(exp: Path) -> list:
     """The trials Tune's saved experiment state has as unfinished (it saves a running one as pending),
-    with a checkpoint to restore from."""
+    with a checkpoint to restore from and rounds still to run."""
     from ray.tune import ExperimentAnalysis
     try:
         trials = ExperimentAnalysis(str(exp / "tune")).trials
     except Exception:      # no state written yet, or caught mid-write
         return []
-    return [t for t in trials if t.status not in ("TERMINATED", "ERROR") and t.checkpoint is not None]
+    return [t for t in trials if t.status not in ("TERMINATED", "ERROR") and t.checkpoint is not None
+            and t.run_metadata.checkpoint_manager.latest_checkpoint_result.metrics["training_iteration"]
+            < KFOLD_KILLED_ROUNDS]
 
 
-def _lose_a_named_checkpoint(exp: Path) -> str:
+def _lose_a_named_checkpoint(exp: Path) -> tuple[str, int]:
     """Leave what a driver killed at the worst moment leaves: the experiment state names a checkpoint of
-    a running trial that num_to_keep=1 has already replaced by a newer one (moved here: same rounds,
-    next number). Without checkpoint_mend, that trial's restore fails on every retry."""
+    an unfinished trial (round k) that num_to_keep=1 has already replaced by the next one (round k+1,
+    made here from round k's state with one more round in its history). Without checkpoint_mend, Ray's
+    restore of that trial fails on every retry. Returns the trial and k + 1."""
     (trial, *_) = _running_with_named_checkpoint(exp)
     named = Path(trial.checkpoint.path)
     newer = named.with_name(f"checkpoint_{int(named.name.split('_')[1]) + 1:06d}")
+    state = torch.load(named / "state.pt", weights_only=False)
+    extra = dict(state["history"][-1], round=state["round"] + 1, epoch=(state["round"] + 1) / 2)
+    state.update(history=[*state["history"], extra], round=extra["round"])
     shutil.rmtree(newer, ignore_errors=True)      # one the dead driver had not yet recorded
-    named.rename(newer)
-    return trial.trial_id
+    newer.mkdir()
+    torch.save(state, newer / "state.pt")
+    shutil.copy(named / "trial.json", newer / "trial.json")
+    shutil.rmtree(named)
+    return trial.trial_id, extra["round"]
 
 
 def _assert_saved_rounds_not_rerun(exp: Path, saved: dict[str, int]) -> None:
@@ -260,14 +272,19 @@ def test_kfold_from_search_and_explicit_set(first_search, results, cifar_dir, cl
 
 
 def test_kfold_resumes_after_sigkill(ray_session, results, cifar_dir, cli):
-    args = kfold_args(cifar_dir, results, "kf_killed", "--num-samples", 2, "--no-report", "--epochs", 2)
+    args = kfold_args(cifar_dir, results, "kf_killed", "--num-samples", 2, "--no-report",
+                      "--epochs", KFOLD_KILLED_ROUNDS // 2)
     _kill_midway(args, results / "kf_killed", ray_session, ready=_running_with_named_checkpoint)
     saved = _rounds_tune_saved(results / "kf_killed")
-    lost = _lose_a_named_checkpoint(results / "kf_killed")
+    lost, newer_round = _lose_a_named_checkpoint(results / "kf_killed")
     rc, _, err = cli(*args, "--resume")
     assert rc == 0, err
     assert f"trial {lost}'s saved state named a checkpoint replaced" in err
     _assert_saved_rounds_not_rerun(results / "kf_killed", saved)
+    # the round the mended checkpoint held beyond Ray's record was told to Ray, and the trial ran on
+    (trial_dir,) = (results / "kf_killed" / "tune").glob(f"trial_*_{lost}")
+    rounds = pd.read_json(trial_dir / "result.json", lines=True)["round"]
+    assert newer_round in set(rounds) and rounds.max() == KFOLD_KILLED_ROUNDS
     folds = pd.read_csv(results / "kf_killed" / "kfold_folds.csv")
     assert len(folds) == 6 and set(folds["status"]) == {"completed"}
     assert not folds.duplicated(["config", "fold"]).any()

@@ -7,16 +7,19 @@ copies it in a background thread). A driver killed in between (kill -9, a lost n
 that names round k's deleted folder, and Tune's restore of that trial then fails on every retry
 ("Could not recover from checkpoint as it does not exist on storage anymore").
 
-The mend: copy the newest complete checkpoint of the trial (round k+1) to the named place. The trial
-then goes on from round k+1, which it reached before the kill. Its reports carry their own round as
-`training_iteration` (trainable.py), so Ray's count of rounds stays right although it was restored
-one round behind.
+The mend: copy the checkpoint that replaced it (Tune numbers a trial's checkpoints in order, so it is
+the next one: round k+1, which the trial reached before the kill) to the named place, with a note of
+the round Ray knows of. The trial tells Ray the rounds it holds beyond that (trainable.py) and goes on;
+its reports carry their own round as `training_iteration`, so Ray's count stays right although it
+was restored one round behind. A newer folder still is not taken: it can hold a round the dead driver
+never recorded, and going on from it would leave that round out of the history.
 
 Reads the experiment through ExperimentAnalysis, which starts no Ray; works on any storage Tune can
 write to (a folder, or a URI such as s3://...).
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from contextlib import contextmanager
@@ -24,14 +27,14 @@ from contextlib import contextmanager
 import pyarrow.fs
 import torch
 
-from .trainable import STATE_FILE
+from .trainable import MENDED_FILE, STATE_FILE
 
 CHECKPOINT_PREFIX = "checkpoint_"          # Tune's name for a trial's checkpoint folders
 
 
 def mend_missing_checkpoints(tune_dir: str) -> list[str]:
-    """For each trial of the Tune experiment at `tune_dir` whose named checkpoint is gone, copy its
-    newest complete one there. Returns one line per mended trial (also printed to stderr)."""
+    """For each trial of the Tune experiment at `tune_dir` whose named checkpoint is gone, copy the one
+    that replaced it there. Returns one line per mended trial (also printed to stderr)."""
     from ray.tune import ExperimentAnalysis
 
     with _quiet("ray.tune.analysis.experiment_analysis"):     # its warnings about trials with no results yet
@@ -41,34 +44,35 @@ def mend_missing_checkpoints(tune_dir: str) -> list[str]:
         named = trial.checkpoint
         if named is None or _is_file(named.filesystem, f"{named.path}/{STATE_FILE}"):
             continue
-        source = _newest_complete(named.filesystem, named.path.rsplit("/", 1)[0])
-        if source is None:
+        fs, (trial_dir, name) = named.filesystem, named.path.rsplit("/", 1)
+        ray_round = trial.run_metadata.checkpoint_manager.latest_checkpoint_result.metrics["training_iteration"]
+        source = f"{trial_dir}/{CHECKPOINT_PREFIX}{int(name[len(CHECKPOINT_PREFIX):]) + 1:06d}"
+        if not _loads(fs, f"{source}/{STATE_FILE}"):
+            print(f"--resume: trial {trial.trial_id}'s saved checkpoint {name} is gone and no complete newer one "
+                  "took its place; Ray cannot continue that trial and will record it as an error", file=sys.stderr)
             continue
-        fs = named.filesystem
         if fs.get_file_info(named.path).type != pyarrow.fs.FileType.NotFound:
             fs.delete_dir(named.path)
         fs.create_dir(named.path)
-        pyarrow.fs.copy_files(source, named.path, source_filesystem=fs, destination_filesystem=fs)
+        # no threads: Ray's own uploads turn them off for S3 (apache/arrow#32372)
+        pyarrow.fs.copy_files(source, named.path, source_filesystem=fs, destination_filesystem=fs, use_threads=False)
+        with fs.open_output_stream(f"{named.path}/{MENDED_FILE}") as f:
+            f.write(json.dumps({"ray_round": ray_round, "copied_from": source.rsplit("/", 1)[1]}).encode())
         line = (f"--resume: trial {trial.trial_id}'s saved state named a checkpoint replaced when the driver "
-                f"stopped ({named.path.rsplit('/', 1)[1]}); it goes on from the newer {source.rsplit('/', 1)[1]}")
+                f"stopped ({name}, round {ray_round}); it goes on from the newer {source.rsplit('/', 1)[1]}")
         print(line, file=sys.stderr)
         mended.append(line)
     return mended
 
 
-def _newest_complete(fs: pyarrow.fs.FileSystem, trial_dir: str) -> str | None:
-    """The trial's newest checkpoint folder whose state loads (one cut short by the kill does not)."""
-    entries = fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
-    folders = sorted((e.path for e in entries if e.type == pyarrow.fs.FileType.Directory
-                      and e.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
-    for folder in folders:
-        try:
-            with fs.open_input_file(f"{folder}/{STATE_FILE}") as f:
-                torch.load(f, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - missing, truncated or unreadable: not a checkpoint to go on from
-            continue
-        return folder
-    return None
+def _loads(fs: pyarrow.fs.FileSystem, path: str) -> bool:
+    """Whether a checkpoint's state file is there and whole (one cut short by a kill does not load)."""
+    try:
+        with fs.open_input_file(path) as f:
+            torch.load(f, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, truncated or unreadable: not a checkpoint to go on from
+        return False
+    return True
 
 
 def _is_file(fs: pyarrow.fs.FileSystem, path: str) -> bool:

@@ -186,7 +186,7 @@ def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float
     params = {k: best_result.config[k] for k in spec.space}     # exact types (the CSV row may hold 128.0)
     summary = {"experiment": exp.name, "search_space": spec.source, "best_trial": best_row["trial_id"],
                "best_config": params, "val_acc": float(best_row["last_val_acc"]), "epochs": float(best_row["epochs"]),
-               "precision_used": best_row["precision_used"],
+               "precision_used": best_row["precision_used"] or None,     # None: a run from before it was recorded
                "trials": len(trials), "status_counts": trials["status"].value_counts().to_dict(),
                "ray": ray_facts, "resources": resources}
     if not test:

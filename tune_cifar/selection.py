@@ -69,7 +69,9 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
     search = read_json(exp / SEARCH_STAGE_FILE)
     row = shortlist.iloc[winner]
     best = table.iloc[0]
-    summary = {**search, **tested, "selected_by": "cv", "best_trial": row["trial_id"],
+    # the retrained model's precision, never the search trial's (a test.json from before it was recorded)
+    summary = {**search, **tested, "precision_used": tested.get("precision_used"), "selected_by": "cv",
+               "best_trial": row["trial_id"],
                "best_config": candidates[winner],
                "val_acc": float(row["last_val_acc"]), "epochs": float(cfg.epochs),
                "cv": {"k": opts.k, "repeats": opts.repeats, "top": len(shortlist), "winner": winner,

@@ -32,12 +32,13 @@ from ray import tune
 
 from .config import TrainConfig, UserError
 from .data import device_data
-from .fit import fit
+from .fit import Runtime, fit
 from .folders import trial_number
 
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 STATE_FILE = "state.pt"
 META_FILE = "trial.json"        # in each checkpoint: when the trial's first attempt started
+MENDED_FILE = "mended.json"     # in a checkpoint --resume put in place of a lost one (checkpoint_mend.py)
 # Statuses a trial can end with; the searcher gets val_acc = 0.0 for diverged and oom trials.
 FAILED_VALUE = 0.0
 
@@ -146,7 +147,7 @@ def run_trial(config: dict[str, Any]) -> None:
     fold = (extras["_fold_index"], extras["_k"], extras.get("_repeats", 1)) if "_fold_index" in extras else None
     data = device_data(cfg, fold=fold)
 
-    resume = None
+    resume, ray_round = None, 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -154,6 +155,8 @@ def run_trial(config: dict[str, Any]) -> None:
             meta = Path(d) / META_FILE
             if meta.is_file():                # a retry: the trial started with its first attempt
                 started = json.loads(meta.read_text()).get("started_at", started)
+            mended = Path(d) / MENDED_FILE
+            ray_round = json.loads(mended.read_text())["ray_round"] if mended.is_file() else len(resume["history"])
     when = {"started_at": started}
 
     inject = extras.get("_inject") or {}
@@ -164,6 +167,27 @@ def run_trial(config: dict[str, Any]) -> None:
     oom_at = inject.get("oom", {}).get(str(me))
     node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
     rounds_done: list[int] = list(range(len(resume["history"]))) if resume else []
+    reported = [ray_round]          # the last round Ray knows of (the OOM report comes after it)
+
+    def report(record: dict[str, Any], state: dict[str, Any] | None) -> None:
+        # fit() already reports val_acc = 0.0 for a diverged round; add where and when the trial runs.
+        # training_iteration is the round itself, not Ray's count since its restore: the two differ
+        # when --resume continued from a newer checkpoint than the one Ray had named (checkpoint_mend).
+        metrics = dict(record, training_iteration=record["round"], node=node, **when, reported_at=now_iso(), **where)
+        if state is None:
+            tune.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state, os.path.join(d, STATE_FILE))
+                Path(d, META_FILE).write_text(json.dumps(when))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        reported[0] = record["round"]
+
+    # Restored from a mended checkpoint: the rounds it holds beyond what Ray knew are told to Ray (and
+    # so to ASHA and the searcher) again, the last with the checkpoint, before training goes on.
+    missed = [h for h in resume["history"] if h["round"] > ray_round] if resume else []
+    for i, record in enumerate(missed):
+        report(dict(record, status="running"), resume if i == len(missed) - 1 else None)
 
     def on_round(record: dict[str, Any], state) -> None:
         rounds_done.append(record["round"])
@@ -171,22 +195,15 @@ def run_trial(config: dict[str, Any]) -> None:
             raise InjectedFault(f"injected fault in trial {me} at round {raise_at}")
         if oom_at is not None and record["round"] >= oom_at:
             raise torch.cuda.OutOfMemoryError(f"injected out-of-memory in trial {me}")
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state(), os.path.join(d, STATE_FILE))
-            Path(d, META_FILE).write_text(json.dumps(when))
-            # fit() already reports val_acc = 0.0 for a diverged round; add where and when the trial runs.
-            # training_iteration is the round itself, not Ray's count since restore: the two differ after
-            # --resume continued from a newer checkpoint than the one Ray had named (checkpoint_mend.py).
-            tune.report(dict(record, training_iteration=record["round"], node=node, **when,
-                             reported_at=now_iso(), **where),
-                        checkpoint=tune.Checkpoint.from_directory(d))
+        report(record, state())
 
     try:
         with nan_outputs_from(inject.get("nan", {}).get(str(me)), rounds_done):
             fit(cfg, data, on_round=on_round, resume=resume)
     except torch.cuda.OutOfMemoryError:
         # Retrying would run out of memory again: record it with the way out, let the search go on.
-        tune.report({"val_acc": FAILED_VALUE, "status": "oom", "node": node, **when, "reported_at": now_iso(),
-                     **where,
+        tune.report({"val_acc": FAILED_VALUE, "status": "oom", "training_iteration": reported[0] + 1,
+                     "precision_used": Runtime.of(cfg).precision_used, "node": node, **when,
+                     "reported_at": now_iso(), **where,
                      "error": f"CUDA out of memory at batch_size={cfg.batch_size}: use a smaller batch size "
                               "or a larger --gpus-per-trial (fewer trials per GPU)"})

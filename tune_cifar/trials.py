@@ -63,7 +63,8 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
                     "path": result.path})
         rows.append(row)
         keep = [c for c in ("training_iteration", "round", "epoch", "train_loss", "train_acc", "val_loss",
-                            "val_acc", "lr", "seconds", "images_per_s", "time_total_s", "node_ip")
+                            "val_acc", "lr", "seconds", "images_per_s", "precision_used", "time_total_s",
+                            "node_ip")
                 if c in df.columns]
         for rec in df[keep].to_dict("records"):
             history.append({"trial_id": trial_id, **rec})
