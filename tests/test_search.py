@@ -169,11 +169,9 @@ def _rounds_tune_saved(exp: Path) -> dict[str, int]:
     """Per trial, the round of the checkpoint Tune's experiment state named when the driver died
     (0: none yet). Rounds reported after that snapshot are Tune's to run again on resume."""
     from ray.tune import ExperimentAnalysis
-    saved = {}
-    for trial in ExperimentAnalysis(str(exp / "tune")).trials:
-        named = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
-        saved[trial.trial_id] = named.metrics["training_iteration"] if named else 0
-    return saved
+
+    from tune_cifar.checkpoint_mend import named_round
+    return {trial.trial_id: named_round(trial) for trial in ExperimentAnalysis(str(exp / "tune")).trials}
 
 
 KFOLD_KILLED_ROUNDS = 4          # test_kfold_resumes_after_sigkill: 2 epochs x 2 evaluations
@@ -183,13 +181,14 @@ def _running_with_named_checkpoint(exp: Path) -> list:
     """The trials Tune's saved experiment state has as unfinished (it saves a running one as pending),
     with a checkpoint to restore from and rounds still to run."""
     from ray.tune import ExperimentAnalysis
+
+    from tune_cifar.checkpoint_mend import named_round
     try:
         trials = ExperimentAnalysis(str(exp / "tune")).trials
     except Exception:      # no state written yet, or caught mid-write
         return []
     return [t for t in trials if t.status not in ("TERMINATED", "ERROR") and t.checkpoint is not None
-            and t.run_metadata.checkpoint_manager.latest_checkpoint_result.metrics["training_iteration"]
-            < KFOLD_KILLED_ROUNDS]
+            and named_round(t) < KFOLD_KILLED_ROUNDS]
 
 
 def _lose_a_named_checkpoint(exp: Path) -> tuple[str, int]:

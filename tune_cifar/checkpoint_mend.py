@@ -45,8 +45,9 @@ def mend_missing_checkpoints(tune_dir: str) -> list[str]:
         if named is None or _is_file(named.filesystem, f"{named.path}/{STATE_FILE}"):
             continue
         fs, (trial_dir, name) = named.filesystem, named.path.rsplit("/", 1)
-        ray_round = trial.run_metadata.checkpoint_manager.latest_checkpoint_result.metrics["training_iteration"]
-        source = f"{trial_dir}/{CHECKPOINT_PREFIX}{int(name[len(CHECKPOINT_PREFIX):]) + 1:06d}"
+        ray_round = named_round(trial)
+        source_name = f"{CHECKPOINT_PREFIX}{int(name[len(CHECKPOINT_PREFIX):]) + 1:06d}"
+        source = f"{trial_dir}/{source_name}"
         if not _loads(fs, f"{source}/{STATE_FILE}"):
             print(f"--resume: trial {trial.trial_id}'s saved checkpoint {name} is gone and no complete newer one "
                   "took its place; Ray cannot continue that trial and will record it as an error", file=sys.stderr)
@@ -57,12 +58,19 @@ def mend_missing_checkpoints(tune_dir: str) -> list[str]:
         # no threads: Ray's own uploads turn them off for S3 (apache/arrow#32372)
         pyarrow.fs.copy_files(source, named.path, source_filesystem=fs, destination_filesystem=fs, use_threads=False)
         with fs.open_output_stream(f"{named.path}/{MENDED_FILE}") as f:
-            f.write(json.dumps({"ray_round": ray_round, "copied_from": source.rsplit("/", 1)[1]}).encode())
+            f.write(json.dumps({"ray_round": ray_round, "copied_from": source_name}).encode())
         line = (f"--resume: trial {trial.trial_id}'s saved state named a checkpoint replaced when the driver "
-                f"stopped ({name}, round {ray_round}); it goes on from the newer {source.rsplit('/', 1)[1]}")
+                f"stopped ({name}, round {ray_round}); it goes on from the newer {source_name}")
         print(line, file=sys.stderr)
         mended.append(line)
     return mended
+
+
+def named_round(trial) -> int:
+    """The round of the checkpoint a trial's saved state names (0: none), which Ray restores its count
+    of rounds from. Tune has no public accessor for it: this is the one place that reads its internals."""
+    named = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+    return named.metrics["training_iteration"] if named else 0
 
 
 def _loads(fs: pyarrow.fs.FileSystem, path: str) -> bool:
