@@ -27,8 +27,8 @@ def cifar_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cifar(cifar_dir):
-    from tune_cifar.data import load_cifar10
-    return load_cifar10(cifar_dir)
+    from tune_cifar.data.sources import load_images
+    return load_images(cifar_dir)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):

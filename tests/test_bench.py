@@ -8,7 +8,7 @@ import json
 import torch
 from conftest import run_cli
 
-from tune_cifar.bench import SIZES, TARGETS, target_text, verdict
+from tune_cifar.bench.run import SIZES, TARGETS, target_text, verdict
 
 PARTS = ["P1", "P4", "P4c", "P2", "P3", "P5", "P6", "P7"]
 
@@ -67,7 +67,7 @@ def test_verdicts_and_targets():
 def test_rungs_quick_measures_every_quarter_epoch(cifar_dir, tmp_path):
     """`bench --only rungs --quick`: every configuration runs to the end (nothing stopped), one row
     per quarter epoch of the space's max epochs, the last round correlating perfectly with itself."""
-    from tune_cifar.spaces import load_space
+    from tune_cifar.core.spaces import load_space
     out = tmp_path / "rungs.json"
     rc, _, err = run_cli("bench", "--device", "cpu", "--only", "rungs", "--quick", "--data-dir", cifar_dir,
                          "--out", out, timeout=600)

@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from tune_cifar.config import TrainConfig, UserError
-from tune_cifar.data import (
-    CLASSES,
-    augment_batch,
-    kfold_splits,
-    load_cifar10,
-    prepare,
-    stratified_subset,
-    to_model_input,
-    train_val_split,
-)
+from tune_cifar.core.config import TrainConfig, UserError
+from tune_cifar.data.cache import prepare
+from tune_cifar.data.readers import CLASSES
+from tune_cifar.data.sources import load_images
+from tune_cifar.data.splits import kfold_splits, stratified_subset, train_val_split
+from tune_cifar.data.store import augment_batch, to_model_input
 
 
 def test_counts_balance_and_pixel_statistics(cifar):
@@ -37,7 +32,7 @@ def test_counts_balance_and_pixel_statistics(cifar):
 
 def test_lookup_order_env_variable(cifar_dir, monkeypatch):
     monkeypatch.setenv("TUNE_CIFAR_DATA", str(cifar_dir))
-    assert len(load_cifar10(None).train_y) == 50_000
+    assert len(load_images(None).train_y) == 50_000
 
 
 def test_image_folder_layout_matches_the_pickles(cifar, tmp_path):
@@ -50,7 +45,7 @@ def test_image_folder_layout_matches_the_pickles(cifar, tmp_path):
             (tmp_path / split / name).mkdir(parents=True)
             for i, img in enumerate(x[idx]):
                 Image.fromarray(img.transpose(1, 2, 0)).save(tmp_path / split / name / f"{i:03d}.png")
-    folder = load_cifar10(tmp_path)
+    folder = load_images(tmp_path)
     assert folder.train_x.shape == (60, 3, 32, 32) and folder.test_x.shape == (60, 3, 32, 32)
     assert folder.classes == CLASSES          # alphabetical folder order = CIFAR's label order
     for c, name in enumerate(CLASSES):
@@ -127,7 +122,7 @@ def test_damaged_batch_files_are_clear_errors(cifar_dir, tmp_path, damage, messa
     else:
         target.unlink()
     with pytest.raises(UserError, match=message) as e:
-        load_cifar10(tmp_path)
+        load_images(tmp_path)
     assert "data_batch_3" in str(e.value)
 
 
@@ -138,20 +133,20 @@ def test_image_folder_errors(tmp_path, cifar):
             (tmp_path / split / name).mkdir(parents=True)
             Image.fromarray(cifar.train_x[0].transpose(1, 2, 0)).save(tmp_path / split / name / "a.png")
     Image.new("RGB", (40, 40)).save(tmp_path / "train" / "cat" / "big.png")     # any size: resized
-    assert load_cifar10(tmp_path).train_x.shape == (11, 3, 32, 32)
+    assert load_images(tmp_path).train_x.shape == (11, 3, 32, 32)
     (tmp_path / "test" / "truck").rename(tmp_path / "test" / "lorry")
     with pytest.raises(UserError, match="class folders differ .*only in train/: truck; only in test/: lorry"):
-        load_cifar10(tmp_path)
+        load_images(tmp_path)
 
 
 def test_missing_and_empty_data_folders(tmp_path, monkeypatch):
     monkeypatch.delenv("TUNE_CIFAR_DATA", raising=False)
     with pytest.raises(UserError, match="does not exist"):
-        load_cifar10(tmp_path / "nope")
+        load_images(tmp_path / "nope")
     with pytest.raises(UserError, match="no CIFAR-10 found .*--data-dir"):
-        load_cifar10(tmp_path)
+        load_images(tmp_path)
     with pytest.raises(UserError, match="no CIFAR-100 found .*cifar-100-python"):
-        load_cifar10(tmp_path, dataset="cifar100")
+        load_images(tmp_path, dataset="cifar100")
 
 
 def test_subset_too_small_for_stratification(cifar):
@@ -185,7 +180,7 @@ def write_cifar100(folder, per_class=3, test_per_class=1, seed=0, key_type=bytes
 def test_cifar100_pickles_are_read_with_their_names(tmp_path, key_type):
     names = write_cifar100(tmp_path / "cifar-100-python", key_type=key_type)
     for where in (tmp_path, tmp_path / "cifar-100-python"):
-        data = load_cifar10(where)
+        data = load_images(where)
         assert data.classes == tuple(names) and len(data.classes) == 100
         assert data.train_x.shape == (300, 3, 32, 32) and data.test_x.shape == (100, 3, 32, 32)
         assert np.bincount(data.train_y).tolist() == [3] * 100
@@ -195,21 +190,21 @@ def test_cifar100_pickles_are_read_with_their_names(tmp_path, key_type):
 
 
 def test_cifar100_next_to_cifar10_is_chosen_by_dataset(tmp_path, cifar_dir):
-    from tune_cifar.data import resolve_data_dir
+    from tune_cifar.data.sources import resolve_data_dir
     write_cifar100(tmp_path / "cifar-100-python")
     (tmp_path / "cifar-10-batches-py").symlink_to(cifar_dir / "cifar-10-batches-py")
-    assert len(load_cifar10(tmp_path, dataset="cifar100").classes) == 100
+    assert len(load_images(tmp_path, dataset="cifar100").classes) == 100
     pinned = resolve_data_dir(str(tmp_path), False, "cifar100")
     assert pinned == str((tmp_path / "cifar-100-python").resolve())
-    assert len(load_cifar10(pinned).classes) == 100          # what the workers read without --dataset
+    assert len(load_images(pinned).classes) == 100          # what the workers read without --dataset
     assert resolve_data_dir(str(tmp_path), False) == str(tmp_path.resolve())     # default: CIFAR-10 first
-    assert load_cifar10(tmp_path, dataset="cifar10").classes == CLASSES
+    assert load_images(tmp_path, dataset="cifar10").classes == CLASSES
 
 
 def test_cifar100_download_is_offered_offline(tmp_path, monkeypatch):
     """Nothing on disk, downloads forbidden: the error names CIFAR-100 (with downloads allowed,
     torchvision's CIFAR100 would fetch it into the cache; there is no network here)."""
-    import tune_cifar.data as data
+    import tune_cifar.data.sources as data
     monkeypatch.delenv("TUNE_CIFAR_DATA", raising=False)
     monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
     with pytest.raises(UserError, match="no CIFAR-100 found"):
@@ -224,7 +219,7 @@ def test_cifar100_download_is_offered_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
     pinned = data.resolve_data_dir(None, True, "cifar100")
     assert fetched == [(str(tmp_path / "cache"), True, True)]
-    assert pinned.endswith("cifar-100-python") and len(load_cifar10(pinned).classes) == 100
+    assert pinned.endswith("cifar-100-python") and len(load_images(pinned).classes) == 100
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -249,7 +244,7 @@ def test_damaged_cifar100_is_a_clear_error(tmp_path, damage, message):
     else:
         (folder / "test").unlink()
     with pytest.raises(UserError, match=message) as e:
-        load_cifar10(tmp_path)
+        load_images(tmp_path)
     assert str(folder) in str(e.value)
 
 
@@ -257,13 +252,13 @@ def test_cifar10_labels_are_checked_against_ten_classes(cifar_dir, tmp_path):
     dst = _copy_batches(cifar_dir, tmp_path)
     (dst / "data_batch_2").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}))
     with pytest.raises(UserError, match=r"data_batch_2: labels outside 0\.\.9"):
-        load_cifar10(tmp_path)
+        load_images(tmp_path)
 
 
 # --------------------------------------------------------------------------- streaming
 
 def test_streaming_decision():
-    from tune_cifar.data import streams
+    from tune_cifar.data.store import streams
     gib = 1 << 30
     assert not streams(150 << 20, "cuda", 70 * gib)          # CIFAR: resident
     assert not streams(int(7.5 * gib), "cuda", 70 * gib)     # 50,000 images at 224 px on an H100: resident
@@ -296,7 +291,7 @@ def test_dataset_flag_trains_cifar100_through_the_cli(tmp_path, cli, monkeypatch
 
     from conftest import TINY
 
-    import tune_cifar.data as data
+    import tune_cifar.data.sources as data
     monkeypatch.delenv("TUNE_CIFAR_DATA", raising=False)
     monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
     rc, _, err = cli("train", TINY, "--dataset", "cifar100", "--offline", "--results-dir", tmp_path / "r")

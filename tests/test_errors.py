@@ -11,8 +11,8 @@ from conftest import ROOT, TINY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tune_cifar.config import UserError
-from tune_cifar.spaces import DISTRIBUTIONS, parse_space
+from tune_cifar.core.config import UserError
+from tune_cifar.core.spaces import DISTRIBUTIONS, parse_space
 
 GOOD = yaml.safe_load(open(TINY))
 
@@ -169,7 +169,7 @@ def test_loguniform_needs_a_positive_low(low, high):
 
 
 def test_every_shipped_space_is_valid():
-    from tune_cifar.spaces import load_space
+    from tune_cifar.core.spaces import load_space
     names = sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml"))
     assert {"simple_cnn_scratch", "alexnet_scratch", "alexnet_full", "vgg16_scratch", "vgg16_frozen", "vgg16_full",
             "resnet18_scratch", "resnet18_frozen", "resnet18_full"} <= set(names)
@@ -180,7 +180,7 @@ def test_every_shipped_space_is_valid():
 
 
 def test_exposed_dashboard_is_warned_about():
-    from tune_cifar.ray_session import RayOptions, exposed_dashboard_warning
+    from tune_cifar.tuning.ray_session import RayOptions, exposed_dashboard_warning
     assert exposed_dashboard_warning(RayOptions(dashboard=True)) is None          # 127.0.0.1 by default
     warning = exposed_dashboard_warning(RayOptions(dashboard=True, dashboard_host="0.0.0.0"))
     assert "CVE-2023-48022" in warning and "0.0.0.0" in warning
@@ -188,8 +188,8 @@ def test_exposed_dashboard_is_warned_about():
 
 def test_hyper_parameters_read_back_from_csv_keep_their_types(tmp_path):
     """pandas reads an int column with a gap (a trial that never ran) as floats: 128 -> 128.0."""
-    from tune_cifar.kfold import configs_from_search
-    from tune_cifar.spaces import load_space
+    from tune_cifar.commands.kfold import configs_from_search
+    from tune_cifar.core.spaces import load_space
     exp = tmp_path / "s"
     exp.mkdir()
     spec = load_space(TINY)

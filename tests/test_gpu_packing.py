@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from conftest import TINY, run_cli
 
-from tune_cifar import ray_session
-from tune_cifar.config import TrainConfig, UserError
-from tune_cifar.experiment import fit_to_cluster
-from tune_cifar.ray_session import RayOptions, trial_resources
-from tune_cifar.spaces import Resources
-from tune_cifar.trainable import placement
+from tune_cifar.tuning import ray_session
+from tune_cifar.core.config import TrainConfig, UserError
+from tune_cifar.tuning.runner import fit_to_cluster
+from tune_cifar.tuning.ray_session import RayOptions, trial_resources
+from tune_cifar.core.spaces import Resources
+from tune_cifar.tuning.trainable import placement
 
 CLUSTER = RayOptions(address="10.0.0.1:6379")
 
@@ -121,7 +121,7 @@ def test_gpus_only_on_other_nodes_are_accepted(monkeypatch):
 
 def test_gpus_per_trial_auto_on_this_cpu_machine(cifar_dir, tmp_path, capsys):
     from tune_cifar.cli import build_parser, options, ray_options
-    from tune_cifar.search import SearchOptions, plan_search
+    from tune_cifar.commands.search import SearchOptions, plan_search
     a = build_parser().parse_args(["search", TINY, "--gpus-per-trial", "auto", "--data-dir", str(cifar_dir),
                                    "--subset", "2000", "--results-dir", str(tmp_path), "--name", "auto"])
     assert a.gpus_per_trial == "auto"
@@ -148,9 +148,9 @@ def test_placement_on_a_gpu(monkeypatch):
 def test_gpus_per_trial_auto_on_a_gpu_machine(cifar_dir, tmp_path, monkeypatch, capsys):
     """The measured step is replaced by given figures (no GPU here): 20 GiB peak on an 80 GiB card
     -> 3 trials per GPU, 0.3333 GPU each, in the resources Tune gets and recorded beside them."""
-    from tune_cifar import gpu_share
+    from tune_cifar.training import gpu_share
     from tune_cifar.cli import build_parser, options, ray_options
-    from tune_cifar.search import SearchOptions, plan_search
+    from tune_cifar.commands.search import SearchOptions, plan_search
     monkeypatch.setattr(ray_session, "gpus_present", lambda: 1)
     calls = []
 
@@ -174,8 +174,8 @@ def test_gpus_per_trial_auto_on_a_gpu_machine(cifar_dir, tmp_path, monkeypatch, 
 def test_measured_step_and_resident_bytes():
     """What `auto` measures on a GPU, run here on the CPU: the heaviest configuration of a space and
     one training step of it (pixel and frozen modes), and the data / feature bytes a trial keeps."""
-    from tune_cifar import gpu_share
-    from tune_cifar.spaces import load_space
+    from tune_cifar.training import gpu_share
+    from tune_cifar.core.spaces import load_space
     spec = load_space("resnet18_frozen")
     heavy = gpu_share.heaviest_config(spec, spec.base)
     assert heavy.batch_size == 512 and heavy.mode == "frozen"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tune_cifar import gpu_share
-from tune_cifar.gpu_share import GIB, RAY_RESOURCE_UNITS, auto_share, decide, gpu_fraction, trials_per_gpu
+from tune_cifar.training import gpu_share
+from tune_cifar.training.gpu_share import GIB, RAY_RESOURCE_UNITS, auto_share, decide, gpu_fraction, trials_per_gpu
 
 H100 = 80 * GIB
 

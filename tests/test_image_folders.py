@@ -12,14 +12,10 @@ import torch
 from conftest import TINY
 from PIL import Image
 
-from tune_cifar.config import TrainConfig, UserError
-from tune_cifar.data import (
-    HELD_OUT_TEST,
-    choose_stored_size,
-    detect_layout,
-    device_data,
-    load_cifar10,
-)
+from tune_cifar.core.config import TrainConfig, UserError
+from tune_cifar.data.cache import device_data
+from tune_cifar.data.readers import HELD_OUT_TEST, choose_stored_size
+from tune_cifar.data.sources import detect_layout, load_images
 
 SIZES = (32, 40, 64)
 MODES = ("RGB", "L", "RGBA", "P")
@@ -79,7 +75,7 @@ def test_mixed_sizes_and_modes_become_rgb_at_the_stored_size(folder, cifar):
     assert {Image.open(f).mode for f in files} == set(MODES)
     assert {Image.open(f).size[0] for f in files} == set(SIZES)
     assert {f.suffix for f in files} == {".png", ".jpg"}
-    data = load_cifar10(folder, size=32)
+    data = load_images(folder, size=32)
     assert data.classes == ("cat", "ship", "truck")
     assert data.train_x.shape == (600, 3, 32, 32) and data.train_x.dtype == np.uint8
     assert data.test_x.shape == (90, 3, 32, 32)
@@ -94,7 +90,7 @@ def test_mixed_sizes_and_modes_become_rgb_at_the_stored_size(folder, cifar):
     err = np.abs(data.train_x[:200].astype(float) - original[:200]).mean(axis=(1, 2, 3))
     assert err.max() < 40 and np.median(err) < 12
     # without a size bound the images' own size (90th percentile of short sides) is kept
-    assert load_cifar10(folder).train_x.shape[-1] == 64
+    assert load_images(folder).train_x.shape[-1] == 64
 
 
 def test_stored_size_choice():
@@ -111,13 +107,13 @@ def test_stored_size_choice():
 def test_held_out_test_split_is_stratified_seeded_and_recorded(tmp_path, cifar):
     root = build_folder(tmp_path, cifar, 25, None)
     assert detect_layout(root) == ("folders", root)                   # train/ alone is a data set
-    a = load_cifar10(root, size=32, split_seed=0)
+    a = load_images(root, size=32, split_seed=0)
     assert len(a.train_y) == 60 and len(a.test_y) == 15 == int(HELD_OUT_TEST * 75)
     assert np.bincount(a.test_y).tolist() == [5] * 3                  # stratified
     assert a.test_source == f"held out 20% of {root / 'train'} (stratified, seed 0; there is no test/ folder)"
     flat = lambda x: {im.tobytes() for im in x}                       # noqa: E731
     assert not flat(a.train_x) & flat(a.test_x) and len(flat(a.train_x) | flat(a.test_x)) == 75
-    again, other = load_cifar10(root, size=32, split_seed=0), load_cifar10(root, size=32, split_seed=1)
+    again, other = load_images(root, size=32, split_seed=0), load_images(root, size=32, split_seed=1)
     np.testing.assert_array_equal(a.test_x, again.test_x)
     assert flat(other.test_x) != flat(a.test_x) and "seed 1" in other.test_source
 
@@ -187,7 +183,7 @@ def test_bad_data_is_a_user_error_naming_the_place(tmp_path, case, message, name
     else:
         (root / "train" / "b" / "0.png").unlink()
     with pytest.raises(UserError, match=message) as e:
-        load_cifar10(root, size=32)
+        load_images(root, size=32)
     where = str(root / names) if names else str(root)
     assert where in str(e.value)
 

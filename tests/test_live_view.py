@@ -13,7 +13,7 @@ import pytest
 from ray.tune.experiment import Trial
 from rich.console import Console
 
-from tune_cifar.live_view import LiveView, quiet_ray, trial_status
+from tune_cifar.tuning.live_view import LiveView, quiet_ray, trial_status
 
 PARAMS = ["lr", "optimizer", "batch_size"]
 

@@ -113,8 +113,8 @@ def test_mlflow_missing_is_one_line_and_writes_nothing(tmp_path, cifar_dir):
 
 def test_flags_reach_the_options():
     from tune_cifar.cli import build_parser, options
-    from tune_cifar.kfold import KFoldOptions
-    from tune_cifar.search import SearchOptions
+    from tune_cifar.commands.kfold import KFoldOptions
+    from tune_cifar.commands.search import SearchOptions
     a = build_parser().parse_args(["search", "x", "--no-tensorboard", "--mlflow", "http://h:5000", "--verbose"])
     o = options(SearchOptions, a)
     assert (o.tensorboard, o.mlflow, o.verbose) == (False, "http://h:5000", True)

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torchvision
 
-from tune_cifar.config import UserError
-from tune_cifar.models import REGISTRY, build_model, entry, head_of, hub_cache_file, resolve_resolution
+from tune_cifar.core.config import UserError
+from tune_cifar.core.config import min_resolution, resolve_resolution
+from tune_cifar.training.models import REGISTRY, build_model, entry, head_of, hub_cache_file
 
 PRETRAINED = ["alexnet", "vgg16", "resnet18"]
 
@@ -89,13 +90,13 @@ def test_simple_cnn_has_no_pretrained_modes():
                                                      ("resnet18", "full", 2)])
 def test_the_head_has_one_output_per_class(name, mode, num_classes, weights_files, tmp_path):
     """Any number of classes (image folders, CIFAR-100): built, saved and rebuilt for export."""
-    from tune_cifar.config import TrainConfig
-    from tune_cifar.export import load_trained
-    from tune_cifar.models import architecture
+    from tune_cifar.core.config import TrainConfig
+    from tune_cifar.results.export import load_trained
+    from tune_cifar.training.models import architecture
     weights = str(weights_files[name]) if mode != "scratch" else None
     model = build_model(name, mode, num_classes, width=16, weights=weights).eval()
     assert head_of(model, name).out_features == num_classes
-    res = max(32, entry(name).min_resolution)
+    res = max(32, min_resolution(name))
     with torch.no_grad():
         assert model(torch.zeros(2, 3, res, res)).shape == (2, num_classes)
     classes = [f"c{i}" for i in range(num_classes)]

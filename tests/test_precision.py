@@ -24,8 +24,8 @@ import torch
 import torchvision
 from conftest import ROOT, run_cli
 
-from tune_cifar.data import to_model_input
-from tune_cifar.models import architecture, entry
+from tune_cifar.data.store import to_model_input
+from tune_cifar.training.models import architecture, entry
 
 TRAIN_PER_BATCH, TEST_IMAGES = 400, 200          # 2,000 training images in all, 200 test images
 CASES = [("simple_cnn", "scratch", 32),
@@ -175,8 +175,8 @@ def test_resume_after_ctrl_c_keeps_bf16_and_finishes(small_cifar, tmp_path):
 def test_auto_precision_on_the_cpu_follows_native_bf16(native, monkeypatch):
     """precision=auto on a CPU: bf16 autocast exactly where the CPU computes bf16 natively (emulated
     bf16 is slower than fp32); an explicit fp32 or bf16 always wins."""
-    from tune_cifar import fit
-    from tune_cifar.config import TrainConfig
+    from tune_cifar.training import fit
+    from tune_cifar.core.config import TrainConfig
     monkeypatch.setattr(fit, "cpu_has_bf16", lambda: native)
     cfg = TrainConfig(model="simple_cnn", mode="scratch", device="cpu")
     assert fit.Runtime.of(cfg).autocast_dtype == (torch.bfloat16 if native else None)
@@ -187,6 +187,6 @@ def test_auto_precision_on_the_cpu_follows_native_bf16(native, monkeypatch):
 
 def test_this_cpu_reports_its_bf16_support():
     """The query itself runs on this torch build and agrees with the CPU's flags."""
-    from tune_cifar.fit import cpu_has_bf16
+    from tune_cifar.training.fit import cpu_has_bf16
     flags = set(open("/proc/cpuinfo").read().split())       # Linux, as CI
     assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})

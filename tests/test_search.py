@@ -63,15 +63,15 @@ def test_search_writes_consistent_results(first_search):
     assert best["val_acc"] == trials["last_val_acc"].max()
     assert 0.1 < best["test_acc"] <= 1
     # precision: auto, resolved by each trial on its own CPU (bf16 where it computes bf16 natively)
-    from tune_cifar.fit import cpu_has_bf16
+    from tune_cifar.training.fit import cpu_has_bf16
     assert set(trials["precision_used"]) == {"bf16" if cpu_has_bf16() else "fp32"} == {best["precision_used"]}
     saved = torch.load(exp / "best_model.pt", weights_only=True)
     assert saved["config"]["lr"] == pytest.approx(best["best_config"]["lr"])
     # the test accuracy in best.json is what the saved model scores on the test set
-    from tune_cifar.config import TrainConfig
-    from tune_cifar.data import device_data
-    from tune_cifar.export import load_trained
-    from tune_cifar.fit import evaluate_test
+    from tune_cifar.core.config import TrainConfig
+    from tune_cifar.data.cache import device_data
+    from tune_cifar.results.export import load_trained
+    from tune_cifar.training.fit import evaluate_test
     model, cfg, _ = load_trained(exp)
     test_acc = evaluate_test(model, cfg.replace(threads=None), device_data(cfg))["test_acc"]
     assert test_acc == pytest.approx(best["test_acc"])
@@ -170,7 +170,7 @@ def _rounds_tune_saved(exp: Path) -> dict[str, int]:
     (0: none yet). Rounds reported after that snapshot are Tune's to run again on resume."""
     from ray.tune import ExperimentAnalysis
 
-    from tune_cifar.checkpoint_mend import named_round
+    from tune_cifar.tuning.checkpoint_mend import named_round
     return {trial.trial_id: named_round(trial) for trial in ExperimentAnalysis(str(exp / "tune")).trials}
 
 
@@ -182,7 +182,7 @@ def _running_with_named_checkpoint(exp: Path) -> list:
     with a checkpoint to restore from and rounds still to run."""
     from ray.tune import ExperimentAnalysis
 
-    from tune_cifar.checkpoint_mend import named_round
+    from tune_cifar.tuning.checkpoint_mend import named_round
     try:
         trials = ExperimentAnalysis(str(exp / "tune")).trials
     except Exception:      # no state written yet, or caught mid-write
@@ -296,14 +296,14 @@ def test_export_gives_the_same_predictions(first_search, cifar, fmt, cli):
     path = Path(out.strip().splitlines()[-1])
     meta = json.loads(path.with_name(path.name + ".json").read_text())
     assert meta["resolution"] == 32 and len(meta["classes"]) == 10
-    from tune_cifar.data import to_model_input
-    from tune_cifar.export import load_trained
+    from tune_cifar.data.store import to_model_input
+    from tune_cifar.results.export import load_trained
     model, _, _ = load_trained(first_search)
     x = to_model_input(torch.from_numpy(cifar.test_x[:256]), meta["resolution"])
     with torch.no_grad():
         expected = model(x).argmax(1).numpy()
     if fmt == "pt":
-        from tune_cifar.models import architecture
+        from tune_cifar.training.models import architecture
         m = architecture("simple_cnn", "scratch", 10, 16)
         m.load_state_dict(torch.load(path, weights_only=True)["model"])
         got = m.eval()(x).argmax(1).detach().numpy()
@@ -346,8 +346,8 @@ def test_kfold_draws_spread_over_the_space():
     low and high ends too), the same for the same seed."""
     import math
 
-    from tune_cifar.kfold import draw_configs
-    from tune_cifar.spaces import load_space
+    from tune_cifar.commands.kfold import draw_configs
+    from tune_cifar.core.spaces import load_space
     spec = load_space("simple_cnn")
     draws = draw_configs(spec, 8, seed=0)
     assert draws[0] == spec.default_point() and len(draws) == 8

@@ -1,4 +1,4 @@
-"""tune_cifar.searchers: real small Ray Tune runs of a toy trainable with ASHA, read back through
+"""tune_cifar.tuning.searchers: real small Ray Tune runs of a toy trainable with ASHA, read back through
 Optuna's own API: ASHA-stopped trials are PRUNED with their curve, complete ones ran every round;
 feedback="complete" is Ray's old behaviour; the time budget's trials are closed; save/restore;
 tune_space; random search is seeded and recorded."""
@@ -13,7 +13,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from tune_cifar.searchers import (
+from tune_cifar.tuning.searchers import (
     TruthfulOptunaSearch,
     make_scheduler,
     make_search_alg,

@@ -1,4 +1,4 @@
-"""tune_cifar.stats against numbers computed by hand here (numpy arithmetic, scipy.stats.t only for the
+"""tune_cifar.core.stats against numbers computed by hand here (numpy arithmetic, scipy.stats.t only for the
 distribution). Imported as a module: a bare `holdout_ratio` in this namespace would be collected
 by pytest as a test."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from tune_cifar import stats
+from tune_cifar.core import stats
 
 RATIO = 0.5  # K=3: each split trains on 2 folds, tests on 1
 J = 6  # K=3 folds x R=2 repeats

@@ -8,9 +8,9 @@ import torch
 import torchvision
 from conftest import run_cli
 
-from tune_cifar.config import TrainConfig
-from tune_cifar.data import device_data
-from tune_cifar.fit import Runtime, evaluate, evaluate_test, fit
+from tune_cifar.core.config import TrainConfig
+from tune_cifar.data.cache import device_data
+from tune_cifar.training.fit import Runtime, evaluate, evaluate_test, fit
 
 
 def test_train_command_learns(cifar_dir, tmp_path):
@@ -55,7 +55,7 @@ def test_checkpoint_resume_continues_the_same_run(cifar_dir):
 
 
 def test_non_finite_loss_stops_the_run_as_diverged(cifar_dir):
-    from tune_cifar.trainable import nan_outputs_from
+    from tune_cifar.tuning.trainable import nan_outputs_from
     cfg = TrainConfig(data_dir=str(cifar_dir), subset=1000, epochs=3, width=8, batch_size=64)
     rounds: list[int] = []
     with nan_outputs_from(2, rounds):             # the fault injection the search's resilience tests use
@@ -79,7 +79,7 @@ def test_frozen_mode_trains_the_head_on_cached_features(cifar_dir, tmp_path):
         if not key.startswith("fc."):
             assert torch.equal(value, original[key]), key
     # the head trained on cached features is the same model as the whole network on images
-    from tune_cifar.features import _CACHE
+    from tune_cifar.training.features import _CACHE
     (_, feats), = _CACHE.values()
     head_preds = result.model.fc(feats.val.views[0].float()).argmax(1)
     rt = Runtime.of(cfg)

@@ -18,8 +18,8 @@ import torchvision
 import yaml
 from conftest import ROOT, TINY, run_cli
 
-from tune_cifar.config import TrainConfig, UserError
-from tune_cifar.folders import start_experiment, write_json
+from tune_cifar.core.config import TrainConfig, UserError
+from tune_cifar.results.folders import start_experiment, write_json
 
 
 def one_line_error(rc, err, *needles):
@@ -48,7 +48,7 @@ def test_values_that_slipped_through_are_one_line_errors(args, message, cli, cif
 
 
 def test_an_int_for_a_float_field_becomes_a_float(cifar_dir, tmp_path):
-    from tune_cifar.kfold import KFoldOptions, plan_kfold
+    from tune_cifar.commands.kfold import KFoldOptions, plan_kfold
     plan = plan_kfold(TINY, KFoldOptions(k=3, fixed={"lr": 1}, data_dir=str(cifar_dir), subset=1500,
                                          results_dir=tmp_path))
     lr = plan.plan_record["candidates"][0]["lr"]
@@ -57,7 +57,7 @@ def test_an_int_for_a_float_field_becomes_a_float(cifar_dir, tmp_path):
 
 
 def test_resume_takes_the_saved_plan_not_the_flags_or_an_edited_file(cifar_dir, tmp_path):
-    from tune_cifar.search import SearchOptions, plan_search
+    from tune_cifar.commands.search import SearchOptions, plan_search
     space = tmp_path / "mine.yaml"
     space.write_text(Path(TINY).read_text())
     opts = SearchOptions(results_dir=tmp_path, name="q", quick=True, data_dir=str(cifar_dir))
@@ -79,8 +79,8 @@ def test_resume_takes_the_saved_plan_not_the_flags_or_an_edited_file(cifar_dir, 
 
 def test_early_stopping_survives_a_resume(cifar_dir):
     """patience counts evaluations without improvement: the count is rebuilt from the history."""
-    from tune_cifar.data import device_data
-    from tune_cifar.fit import fit, rounds_since_best
+    from tune_cifar.data.cache import device_data
+    from tune_cifar.training.fit import fit, rounds_since_best
     cfg = TrainConfig(data_dir=str(cifar_dir), subset=1000, epochs=3, width=8, batch_size=64, patience=1,
                       evals_per_epoch=2)
     data = device_data(cfg)
@@ -165,7 +165,7 @@ def test_missing_imagenet_weights_are_downloaded_and_a_failed_download_is_one_li
 
 def test_space_resources_are_fitted_to_the_machine(cifar_dir, tmp_path, capsys):
     """vgg16_full asks for 4 CPUs per trial; on a 2-core machine it runs with 2 and says so."""
-    from tune_cifar.search import SearchOptions, plan_search
+    from tune_cifar.commands.search import SearchOptions, plan_search
     weights = tmp_path / "vgg16.pth"
     torch.save(torchvision.models.vgg16().state_dict(), weights)
     plan = plan_search("vgg16_full", SearchOptions(results_dir=tmp_path, weights=str(weights), quick=True,

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .config import UserError
+from .core.config import UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -174,7 +174,7 @@ def build_parser() -> Parser:
 
 
 def ray_options(a: argparse.Namespace):
-    from .ray_session import RayOptions
+    from .tuning.ray_session import RayOptions
     return RayOptions(address=a.address, dashboard=a.dashboard, dashboard_host=a.dashboard_host,
                       dashboard_port=a.dashboard_port, storage=a.storage, verbose=a.verbose)
 
@@ -189,7 +189,7 @@ def report_step(a: argparse.Namespace):
     """The report the runner makes at the end (the CLI hands it over, so Ray code never imports it)."""
     if a.no_report:
         return None
-    from .report import write_report
+    from .results.report import write_report
     return write_report
 
 
@@ -197,13 +197,13 @@ def pin_dataset(a: argparse.Namespace) -> None:
     """--dataset: find (or download) that data set now and hand its folder on as --data-dir, so the
     commands (which look up whatever a folder holds) read exactly it."""
     if a.dataset:
-        from .data import downloads_allowed, resolve_data_dir
+        from .data.sources import downloads_allowed, resolve_data_dir
         a.data_dir = resolve_data_dir(a.data_dir, downloads_allowed(a.download, a.offline), a.dataset)
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .data import downloads_allowed
-    from .train_command import plan_train, run_train
+    from .data.sources import downloads_allowed
+    from .commands.train import plan_train, run_train
     pin_dataset(a)
     flags = [key for key, _ in TRAIN_FLAGS] + ["data_dir", "subset", "weights", "seed"]
     overrides = {k: getattr(a, k) for k in flags if getattr(a, k) is not None}
@@ -214,33 +214,33 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_search(a: argparse.Namespace) -> None:
-    from .experiment import run
-    from .search import SearchOptions, plan_search
+    from .tuning.runner import run
+    from .commands.search import SearchOptions, plan_search
     pin_dataset(a)
     plan = plan_search(a.space, options(SearchOptions, a, ray=ray_options(a)))
     if plan.opts.cv_top is None:
         summary = run(plan, report=report_step(a))
     else:
-        from .selection import run_selection
+        from .commands.selection import run_selection
         summary = run_selection(plan, report=report_step(a))
     print(f"test_acc={summary['test_acc']:.4f}")
 
 
 def cmd_kfold(a: argparse.Namespace) -> None:
-    from .experiment import run
-    from .kfold import KFoldOptions, plan_kfold
+    from .tuning.runner import run
+    from .commands.kfold import KFoldOptions, plan_kfold
     pin_dataset(a)
     run(plan_kfold(a.space, options(KFoldOptions, a, fixed=dict(a.set), ray=ray_options(a))), report=report_step(a))
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from .folders import experiment_path
-    from .report import write_report
+    from .results.folders import experiment_path
+    from .results.report import write_report
     print(write_report(experiment_path(a.results_dir, a.experiment)))
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
-    from .compare import compare_modes, missing_modes
+    from .results.compare import compare_modes, missing_modes
     pin_dataset(a)
     if a.run_missing:
         for mode in missing_modes(a.model, a.results_dir):
@@ -255,24 +255,24 @@ def cmd_compare(a: argparse.Namespace) -> None:
     if a.k is None:
         compare_modes(a.model, a.results_dir)
         return
-    from .experiment import run
-    from .kfold import KFoldOptions, plan_modes
+    from .tuning.runner import run
+    from .commands.kfold import KFoldOptions, plan_modes
     run(plan_modes(a.model, options(KFoldOptions, a, fixed=dict(a.set), ray=ray_options(a))), report=report_step(a))
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from .export import export
-    from .folders import experiment_path
+    from .results.export import export
+    from .results.folders import experiment_path
     print(export(experiment_path(a.results_dir, a.experiment), a.format, a.out))
 
 
 def cmd_dashboard(a: argparse.Namespace) -> None:
-    from .dashboard import serve
+    from .results.dashboard import serve
     serve(a.results_dir, a.experiment, a.port)
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
-    from .bench import run_bench
+    from .bench.run import run_bench
     run_bench(device=a.device, quick=a.quick, out=a.out, only=a.only, data_dir=a.data_dir, accept=a.accept)
 
 
@@ -281,7 +281,7 @@ COMMANDS = {"train": cmd_train, "search": cmd_search, "kfold": cmd_kfold, "repor
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .folders import command_line
+    from .results.folders import command_line
     args = build_parser().parse_args(None if argv is None else [str(x) for x in argv])
     args.command = command_line(None if argv is None else [str(x) for x in argv])  # recorded in spec.yaml
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .folders import trial_number
+from ..core.trial import candidate_values, status_of, trial_number
 
 
 def last_line(error: BaseException | None) -> str:
@@ -15,11 +15,16 @@ def last_line(error: BaseException | None) -> str:
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
-def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[list[dict], list[dict]]:
+def max_rounds(config: dict) -> int:
+    """Rounds of a trial that runs its whole budget (a cross-validation trial: its candidate's)."""
+    cfg = candidate_values(config)
+    return int(cfg.get("epochs") or 0) * int(cfg.get("evals_per_epoch") or 1)
+
+
+def trial_rows(results, searched: list[str]) -> tuple[list[dict], list[dict]]:
     """(one row per trial, one row per trial x round) from a ResultGrid.
 
-    status: completed | stopped (by ASHA or the time budget) | early_stopped (patience) | diverged
-            | oom | error (raised more often than --max-failures allows) | not_run (no round before the end)
+    status: core.trial.Status (completed | stopped | early_stopped | diverged | oom | error | not_run)
     start, end: ISO 8601 times of the trial's start (its first attempt) and of its last report
     gpu_ids: the GPU ids Ray assigned to it ("" without GPUs), cuda_visible_devices: what Ray set from
     them in the trial's process; device: what it actually trained on
@@ -37,16 +42,11 @@ def trial_rows(results, searched: list[str], max_rounds: int | None) -> tuple[li
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path or "?").name
         rounds = int(metrics.get("training_iteration") or 0)
-        status = metrics.get("status", "running")
-        if result.error is not None:
-            status = "error"
-        elif rounds == 0:
-            status = "not_run"          # cut by the time budget (or an interruption) before its first round
-        elif status == "running":
-            status = "completed" if max_rounds is not None and rounds >= max_rounds else "stopped"
+        status = status_of(reported=metrics.get("status"), rounds=rounds, max_rounds=max_rounds(cfg),
+                           error=result.error is not None).value
         vals = df["val_acc"].dropna() if "val_acc" in df else pd.Series(dtype=float)
         row = {"trial": trial_number(result.path), "trial_id": trial_id, "status": status}
-        row.update({k: cfg.get(k) for k in searched})
+        row.update({k: cfg.get(k) for k in searched if k in cfg})
         row.update({"best_val_acc": float(vals.max()) if len(vals) else None,
                     "last_val_acc": float(vals.iloc[-1]) if len(vals) else None,
                     "last_val_loss": metrics.get("val_loss"),

@@ -30,10 +30,12 @@ import ray
 import torch
 from ray import tune
 
-from .config import TrainConfig, UserError
-from .data import device_data
-from .fit import Runtime, fit
-from .folders import trial_number
+from ..core.config import TrainConfig, UserError
+from ..core import trial as core_trial
+from ..core.trial import candidate_values, fold_of, tag_number, trial_number
+from ..data.cache import device_data
+from ..data.splits import Fold
+from ..training.fit import Runtime, fit
 
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 STATE_FILE = "state.pt"
@@ -68,16 +70,14 @@ def split_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     """Tune's flat config -> (TrainConfig, extras). Extras start with '_': the K-fold candidate and
     fold (`_candidates[_candidate]` holds its hyper-parameters), fault injection."""
     extras = {k: v for k, v in config.items() if k.startswith("_")}
-    values = {k: v for k, v in config.items() if k in CONFIG_KEYS}
-    if "_candidate" in extras:
-        values.update(extras["_candidates"][extras["_candidate"]])
+    values = {k: v for k, v in candidate_values(config).items() if k in CONFIG_KEYS}
     cfg = TrainConfig.from_dict(values, where="trial config")
     return cfg, extras
 
 
 def trial_dirname(trial) -> str:
     """Short trial folders, `trial_<n>_<id>`, n counting from 1 in the order Tune created them."""
-    return f"trial_{trial.experiment_tag.split('_', 1)[0]}_{trial.trial_id}"
+    return core_trial.trial_dirname(tag_number(trial.experiment_tag), trial.trial_id)
 
 
 def trial_index() -> int:
@@ -144,8 +144,8 @@ def run_trial(config: dict[str, Any]) -> None:
     started = now_iso()
     cfg, extras = split_config(config)
     cfg, where = trial_placement(cfg)
-    fold = (extras["_fold_index"], extras["_k"], extras.get("_repeats", 1)) if "_fold_index" in extras else None
-    data = device_data(cfg, fold=fold)
+    fold = fold_of(extras)
+    data = device_data(cfg, None if fold is None else Fold(fold.split, fold.k, fold.repeats, cfg.split_seed))
 
     resume, ray_round = None, 0
     checkpoint = tune.get_checkpoint()

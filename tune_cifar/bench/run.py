@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig, UserError, value_from_csv
-from .folders import write_json, write_text
+from ..core.config import TrainConfig, UserError, value_from_csv
+from ..results.folders import write_json, write_text
 
 SCENARIOS = ("p1", "p2", "p3", "p4", "p5", "cpu_budget", "search_quality", "rungs")
 MODES = [("simple_cnn", "scratch"), ("alexnet", "scratch"), ("alexnet", "frozen"), ("alexnet", "full"),
@@ -68,9 +68,9 @@ def throughput(model_name: str, mode: str, dev: torch.device, cifar, steps: int,
     """Images/s of training steps (frozen: backbone forward passes) at the model's resolution (or
     `resolution`), after `warmup` untimed steps; `compile_backend`: the model through torch.compile
     with that backend (its compilation happens in the warm-up)."""
-    from .data import DeviceSplit
-    from .fit import Runtime, make_optimizer
-    from .models import architecture, split_frozen
+    from ..data.store import DeviceSplit
+    from ..training.fit import Runtime, make_optimizer
+    from ..training.models import architecture, split_frozen
 
     cfg = TrainConfig(model=model_name, mode=mode, device=str(dev), width=32 if model_name == "simple_cnn" else 64,
                       resolution=resolution)
@@ -126,7 +126,7 @@ def throughput(model_name: str, mode: str, dev: torch.device, cifar, steps: int,
 def bench_p1(dev: torch.device, cifar, quick: bool) -> list[dict[str, Any]]:
     rows = []
     for model, mode in MODES:
-        from .models import resolve_resolution
+        from ..core.config import resolve_resolution
         res = resolve_resolution(model, mode, None)
         steps = 3 if (dev.type == "cpu" and res > 64) else (5 if quick else 20)
         syn = throughput(model, mode, dev, cifar, steps, real=False)
@@ -141,9 +141,9 @@ def bench_p1(dev: torch.device, cifar, quick: bool) -> list[dict[str, Any]]:
 def _search(space: str, results: Path, name: str, data_dir: str | None, **flags: Any) -> dict[str, Any]:
     """A search as `search SPACE --no-report ...flags` would run it (spec.yaml records that command);
     returns its best.json."""
-    from .experiment import run
-    from .folders import command_line
-    from .search import SearchOptions, plan_search
+    from ..tuning.runner import run
+    from ..results.folders import command_line
+    from ..commands.search import SearchOptions, plan_search
     args = ["search", space, "--results-dir", results, "--name", name, "--no-report"]
     args += ["--data-dir", data_dir] if data_dir else []
     for key, value in flags.items():
@@ -158,8 +158,8 @@ def plain_loop(exp: Path, subset: int | None) -> float:
     """Train every configuration of a finished search for the rounds it ran there, no Ray."""
     import pandas as pd
 
-    from .data import device_data
-    from .fit import fit
+    from ..data.cache import device_data
+    from ..training.fit import fit
 
     best = json.loads((exp / "best.json").read_text())
     base = TrainConfig.from_dict(best["config"])
@@ -214,7 +214,7 @@ def bench_p5(dev: torch.device, data_dir: str | None, quick: bool, work: Path) -
     flags = dict(num_samples=32, max_epochs=10, weights=str(weights), subset=subset)
     t0 = time.perf_counter()
     if not gpu:                                  # 224 px through VGG16 on a CPU: scaled down, and said so
-        from .spaces import load_space
+        from ..core.spaces import load_space
         spec = load_space("vgg16_frozen")
         path = work / "vgg16_frozen_cpu.yaml"
         import yaml
@@ -253,10 +253,11 @@ def optuna_alone(space: str, data_dir: str | None, subset: int, seed: int, budge
     the same fit() and data, no Ray; stops proposing when the clock says so and tests its best trial."""
     import optuna
 
-    from .data import device_data, resolve_data_dir
-    from .experiment import time_reserve
-    from .fit import evaluate_test, fit
-    from .spaces import asha_rounds, load_space
+    from ..data.cache import device_data
+    from ..data.sources import resolve_data_dir
+    from ..tuning.runner import time_reserve
+    from ..training.fit import evaluate_test, fit
+    from ..core.spaces import asha_rounds, load_space
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.time()
     spec = load_space(space)
@@ -334,7 +335,7 @@ def bench_rungs(data_dir: str | None, quick: bool, work: Path) -> dict[str, Any]
     import pandas as pd
     from scipy import stats
 
-    from .spaces import load_space
+    from ..core.spaces import load_space
     subset, n = (3000, 6) if quick else (10000, 16)
     max_epochs = load_space("simple_cnn").budget.max_epochs
     s = _search(_space_at("simple_cnn", None, work, evals_per_epoch=4), work, "rungs", data_dir, subset=subset,
@@ -489,7 +490,7 @@ def _space_at(space: str, resolution: int | None, work: Path, **fixed: Any) -> s
         return space
     import yaml
 
-    from .spaces import load_space
+    from ..core.spaces import load_space
     raw = yaml.safe_load(open(load_space(space).source))
     tags = []
     if resolution is not None:
@@ -510,12 +511,12 @@ def _ran(exp: Path) -> int:
 
 
 def accept_p1(dev: torch.device, cifar, z: Sizes) -> tuple[float, dict[str, Any]]:
-    from .models import entry, resolve_resolution
+    from ..core.config import min_resolution, resolve_resolution
     rows = []
     for model, mode in MODES:
         res = resolve_resolution(model, mode, None)
         if z.p1_max_res is not None and res > z.p1_max_res:
-            res = max(z.p1_max_res, entry(model).min_resolution)
+            res = max(z.p1_max_res, min_resolution(model))
         bs = (z.p1_batch[0] if res <= 64 else z.p1_batch[1]) if z.p1_batch else batch_for(model, res, dev)
         kw = dict(resolution=res, batch=bs, warmup=z.p1_warmup)
         syn = throughput(model, mode, dev, cifar, z.p1_steps, real=False, **kw)
@@ -570,7 +571,7 @@ def accept_p4(dev: torch.device, cifar, z: Sizes, backend: str | None = None) ->
 
 def pretrained_weights(model: str) -> Path | None:
     """torchvision's cached ImageNet file of `model`, when this machine has it (never downloaded here)."""
-    from .models import hub_cache_file
+    from ..training.models import hub_cache_file
     path = hub_cache_file(model)
     return path if path.is_file() else None
 
@@ -608,7 +609,7 @@ def accept_search(space: str, dev: torch.device, data_dir: str | None, flags: di
 
 def run_accept(dev: torch.device, quick: bool, data_dir: str | None, work: Path, cifar) -> dict[str, Any]:
     """The acceptance set, each part timed, with its target and verdict."""
-    from .data import resolve_data_dir
+    from ..data.sources import resolve_data_dir
     key = ("cuda" if dev.type == "cuda" else "cpu") + ("-quick" if quick else "")
     z = SIZES[key]
     data_dir = resolve_data_dir(data_dir, False)         # the accuracy runs need the real CIFAR-10
@@ -700,7 +701,7 @@ def accept_parts(dev: torch.device, key: str, z: Sizes, data_dir: str, work: Pat
         part("pretrained", lambda: accept_search(space, dev, data_dir, flags, work, "pretrained", weights),
              _describe(flags), label=f"pretrained {space}")
     else:
-        from .models import hub_cache_file
+        from ..training.models import hub_cache_file
         parts.append({"part": f"pretrained {space}", "what": TARGETS["pretrained"][0], "sizes": _describe(flags),
                       "value": None, "unit": "acc", "target": target_text("pretrained"),
                       "verdict": f"skipped: no ImageNet weights at {hub_cache_file(model)}", "seconds": 0.0,
@@ -762,7 +763,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 def run_bench(device: str | None = None, quick: bool = False, out: Path = Path("bench.json"),
               only: str | None = None, data_dir: str | None = None, accept: bool = False) -> dict[str, Any]:
-    from .data import device_of, load_cifar10, synthetic_cifar
+    from ..data.sources import load_images
+    from ..data.readers import synthetic_images
+    from ..data.store import device_of
     chosen = set((only or ",".join(SCENARIOS)).split(","))
     if not chosen <= set(SCENARIOS):
         raise UserError(f"--only {only}: scenarios are {', '.join(SCENARIOS)}")
@@ -770,12 +773,12 @@ def run_bench(device: str | None = None, quick: bool = False, out: Path = Path("
         raise UserError("--accept runs the fixed acceptance set: leave out --only")
     dev = device_of(device or "auto")
     if accept:
-        cifar = load_cifar10(data_dir)       # the acceptance runs need the real data: an error without it
+        cifar = load_images(data_dir)       # the acceptance runs need the real data: an error without it
     else:
         try:
-            cifar = load_cifar10(data_dir)
+            cifar = load_images(data_dir)
         except UserError:
-            cifar = synthetic_cifar()            # P1 needs only same-shape data
+            cifar = synthetic_images()            # P1 needs only same-shape data
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "device": device_name(dev),
                                "torch": torch.__version__, "quick": quick, "data": cifar.source}
     work = Path(tempfile.mkdtemp(prefix="tune_cifar_bench_"))

@@ -28,7 +28,8 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.experiment import Trial
 from ray.tune.logger import TBXLoggerCallback
 
-from .config import UserError
+from ..core.config import UserError
+from ..core.trial import fold_of
 from .live_view import hyper_parameters, trial_number, trial_status
 
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch")
@@ -40,8 +41,9 @@ PARENT_TAG = "tune_cifar.parent"
 def trial_params(trial: Trial, keys: list[str]) -> dict[str, Any]:
     """What a trial tried: the searched keys (kfold: its configuration's values, and which fold)."""
     params = hyper_parameters(trial, keys)
-    if "_fold_index" in trial.config:
-        params.update(config=trial.config["_candidate"], fold=trial.config["_fold_index"])
+    fold = fold_of(trial.config)
+    if fold is not None:
+        params.update(config=fold.candidate, fold=fold.split)
     return params
 
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from .data import DeviceData, DeviceSplit, batch_order
+from ..data.store import DeviceData, DeviceSplit, batch_order
 
 _CACHE: dict[tuple[Any, ...], tuple[DeviceData, "FrozenFeatures"]] = {}  # data kept alive: its id is in the key
 

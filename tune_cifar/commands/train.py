@@ -9,18 +9,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, UserError
-from .folders import command_line, experiment_dir, start_experiment, write_json, write_torch, write_yaml
-from .spaces import check_value, load_space
+from ..core.config import TrainConfig, UserError
+from ..results.folders import command_line, experiment_dir, start_experiment, write_json, write_torch, write_yaml
+from ..core.spaces import check_value, load_space
 
 
 def plan_train(name: str, overrides: dict[str, Any], results_dir: Path, exp_name: str | None,
                resume: bool, overwrite: bool, download: bool) -> tuple[TrainConfig, Path]:
     """The config to train (on --resume: the one saved in checkpoint.pt, whatever the flags say) and
     its experiment folder; every check done, nothing written."""
-    from .data import check_data, resolve_data_dir, train_size
-    from .fit import check_rounds
-    from .models import check_weights
+    from ..data.cache import check_data, train_size
+    from ..data.sources import resolve_data_dir
+    from ..training.fit import check_rounds
+    from ..training.models import check_weights
     spec = load_space(name)
     exp = experiment_dir(results_dir, exp_name or f"train_{spec.name}", resume=resume, overwrite=overwrite)
     if resume:
@@ -56,8 +57,8 @@ def saved_config(exp: Path) -> TrainConfig:
 
 def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool, command: str | None = None) -> dict[str, Any]:
 
-    from .data import device_data
-    from .fit import evaluate_test, fit
+    from ..data.cache import device_data
+    from ..training.fit import evaluate_test, fit
 
     started = time.time()
     start_experiment(exp, overwrite=overwrite)

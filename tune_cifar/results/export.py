@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, UserError
-from .data import MEAN, STD
+from ..core.config import TrainConfig, UserError
+from ..data.store import MEAN, STD
 from .folders import write_json, write_torch
-from .models import architecture, resolve_resolution
+from ..core.config import resolve_resolution
+from ..training.models import architecture
 
 SUFFIX = {"pt": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 

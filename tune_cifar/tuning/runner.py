@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import TrainConfig, UserError
-from .folders import RAY_DIR, command_line, read_json, start_experiment, write_json, write_yaml
+from ..core.config import TrainConfig, UserError
+from ..results.folders import RAY_DIR, command_line, read_json, start_experiment, write_json, write_yaml
 from .ray_session import RayOptions, start_ray, stop_ray, threads_for, trial_resources
 
 TIME_RESERVE = (15.0, 0.02)     # seconds + share of --time-budget kept for the test, report, shut-down
@@ -226,8 +226,9 @@ def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[Tr
     --gpus-per-trial auto is decided here, once the data is found (`gpu_share.plan_share`: one
     measured training step of the space's heaviest trial on the first GPU; 0 without a GPU), printed,
     and recorded in the resources as "gpu_share" (so plan.json and best.json keep it)."""
-    from .data import check_data, downloads_allowed, resolve_data_dir
-    from .models import check_weights
+    from ..data.cache import check_data
+    from ..data.sources import downloads_allowed, resolve_data_dir
+    from ..training.models import check_weights
 
     if opts.subset is not None and opts.subset < 1:
         raise UserError(f"--subset={opts.subset} must be positive")
@@ -248,7 +249,7 @@ def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[Tr
     check_data(base)
     check_weights(base)
     if auto:
-        from .gpu_share import plan_share
+        from ..training.gpu_share import plan_share
         from .ray_session import gpus_present
         share = plan_share(spec, base, gpus_present(), opts.ray.joins_cluster())
         print(f"--gpus-per-trial auto: {share['note']}", flush=True)
@@ -272,8 +273,8 @@ def reopen(name: str | None, opts: RunOptions, default_name: str, plan_flags: tu
     planned from, and flags given again must agree with the plan."""
     import dataclasses
 
-    from .folders import experiment_dir
-    from .spaces import SearchSpec
+    from ..results.folders import experiment_dir
+    from ..core.spaces import SearchSpec
     exp = experiment_dir(opts.results_dir, opts.name or default_name, resume=True)
     saved = read_json(exp / "plan.json")
     spec = SearchSpec.from_dict(saved["spec"], where=str(exp / "plan.json"))
@@ -286,7 +287,7 @@ def reopen(name: str | None, opts: RunOptions, default_name: str, plan_flags: tu
 
 def check_same_space(name: str, spec, exp: Path) -> None:
     """On --resume, NAME must be the space the experiment was planned from (its saved copy is used)."""
-    from .spaces import find_space
+    from ..core.spaces import find_space
     if Path(spec.source).resolve() != find_space(name).resolve():
         raise UserError(f"--resume: {exp} was planned from {spec.source}, not {find_space(name)}")
 

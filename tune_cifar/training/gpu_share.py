@@ -203,9 +203,10 @@ def measure_space(spec, cfg, device: Any = "cuda:0") -> tuple[int, int, int]:
 
     import torch
 
-    from .data import _loaded, stratified_subset
+    from ..data.cache import images_of
+    from ..data.splits import stratified_subset
     heavy = heaviest_config(spec, cfg)
-    cifar = _loaded(heavy)[1]
+    cifar = images_of(heavy)
     n_pool = len(stratified_subset(cifar.train_y, heavy.subset, heavy.split_seed))
     n_val = math.ceil(heavy.val_fraction * n_pool)
     image_bytes = int(cifar.train_x[0].nbytes)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import UserError
-from .experiment import (
+from ..core.config import UserError
+from ..tuning.runner import (
     Plan,
     RunOptions,
     check_time_budget,
@@ -23,9 +23,9 @@ from .experiment import (
     reopen,
     run_config,
 )
-from .folders import experiment_dir, ranked_trials, write_csv, write_json, write_torch
-from .spaces import SearchSpec, asha_rounds, check_budget, check_rungs, find_space, load_space
-from .trials import trial_rows
+from ..results.folders import experiment_dir, ranked_trials, write_csv, write_json, write_torch
+from ..core.spaces import SearchSpec, asha_rounds, check_budget, check_rungs, find_space, load_space
+from ..tuning.trials import trial_rows
 
 METRIC, MODE = "val_acc", "max"
 QUICK = {"num_samples": 6, "max_epochs": 4, "subset": 10000}
@@ -94,15 +94,15 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
     spec = dataclasses.replace(spec, base=base.replace(seed=opts.seed), budget=budget)
     exp = experiment_dir(opts.results_dir, opts.name or spec.name, overwrite=opts.overwrite)
     opts = dataclasses.replace(opts, data_dir=data_dir, subset=base.subset)
-    from .trainable import fault_injection
+    from ..tuning.trainable import fault_injection
     return make_plan(spec, opts, exp, resources, fault_injection())
 
 
 def check_batches(spec: SearchSpec, base, k: int | None = None) -> None:
     """The largest batch size the space can draw must fit the training images evals_per_epoch times
     (with k: the training part of a fold of the --cv-top stage)."""
-    from .data import train_size
-    from .fit import check_rounds
+    from ..data.cache import train_size
+    from ..training.fit import check_rounds
     dist = spec.space.get("batch_size")
     largest = max(dist.values) if dist is not None else base.batch_size
     where = "space.batch_size" if dist is not None else "batch_size"
@@ -137,8 +137,8 @@ def make_tuner(spec: SearchSpec, opts: SearchOptions, exp: Path, inject: dict[st
     import ray
     from ray import tune
 
-    from .searchers import make_scheduler, make_search_alg, search_callbacks, tune_space
-    from .trainable import trial_dirname
+    from ..tuning.searchers import make_scheduler, make_search_alg, search_callbacks, tune_space
+    from ..tuning.trainable import trial_dirname
 
     max_t, grace = asha_rounds(spec.budget, spec.base.evals_per_epoch)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(exp / 'optuna.db').resolve()}")
@@ -171,10 +171,9 @@ def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float
     import pandas as pd
     import torch
 
-    from .trainable import STATE_FILE
+    from ..tuning.trainable import STATE_FILE
 
-    max_t, _ = asha_rounds(spec.budget, spec.base.evals_per_epoch)
-    rows, history = trial_rows(results, list(spec.space), max_t)
+    rows, history = trial_rows(results, list(spec.space))
     trials = pd.DataFrame(rows)
     write_csv(exp / "trials.csv", trials.drop(columns=["path"], errors="ignore"))
     write_csv(exp / "history.csv", pd.DataFrame(history))
@@ -206,8 +205,8 @@ def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float
 def test_once(exp: Path, cfg, state: dict[str, Any] | None = None, model=None) -> dict[str, Any]:
     """The experiment's one look at the test set: the chosen model (`model`, or rebuilt from a trial's
     checkpoint `state`) evaluated once; writes best_model.pt and test_predictions.json."""
-    from .data import device_data
-    from .fit import evaluate_test, model_from_state
+    from ..data.cache import device_data
+    from ..training.fit import evaluate_test, model_from_state
 
     data = device_data(cfg.replace(threads=None, device="auto"))
     if model is None:

@@ -16,7 +16,7 @@ MODES = ("scratch", "frozen", "full")
 
 def missing_modes(model: str, results_dir: Path) -> list[str]:
     """The modes of `model` with no finished search yet (simple_cnn has only scratch)."""
-    from .models import entry
+    from ..training.models import entry
     entry(model)
     return [m for m in MODES if (model != "simple_cnn" or m == "scratch")
             and find_experiment(results_dir, model, m) is None]
@@ -26,7 +26,7 @@ def compare_modes(model: str, results_dir: Path) -> pd.DataFrame:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .models import entry
+    from ..training.models import entry
     entry(model)
     rows = []
     for mode in MODES:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .config import UserError
+from ..core.config import UserError
 
 
 class SimpleCNN(nn.Module):
@@ -47,9 +47,6 @@ class ModelEntry:
     build: Callable[..., nn.Module]       # build(num_classes=..., **kw) with random weights
     head: str | None                      # dotted path of the final nn.Linear (replaced: one output a class)
     weights: str | None                   # torchvision weights enum member, None = no pretrained weights
-    scratch_resolution: int               # smallest sensible input when trained from scratch
-    min_resolution: int                   # the architecture fails below this
-    pretrained_resolution: int = 224      # what the ImageNet weights were trained at
     bf16: bool = True                     # use bf16 autocast on CUDA (tiny nets run faster in fp32)
 
 
@@ -71,14 +68,10 @@ def _resnet18_cifar(num_classes: int = 10, **_: object) -> nn.Module:
 
 
 REGISTRY: dict[str, ModelEntry] = {
-    "simple_cnn": ModelEntry(SimpleCNN, head="fc", weights=None, scratch_resolution=32,
-                             min_resolution=16, bf16=False),
-    "alexnet": ModelEntry(_torchvision("alexnet"), head="classifier.6", weights="AlexNet_Weights.IMAGENET1K_V1",
-                          scratch_resolution=64, min_resolution=63),
-    "vgg16": ModelEntry(_torchvision("vgg16"), head="classifier.6", weights="VGG16_Weights.IMAGENET1K_V1",
-                        scratch_resolution=32, min_resolution=32),
-    "resnet18": ModelEntry(_torchvision("resnet18"), head="fc", weights="ResNet18_Weights.IMAGENET1K_V1",
-                           scratch_resolution=32, min_resolution=32),
+    "simple_cnn": ModelEntry(SimpleCNN, head="fc", weights=None, bf16=False),
+    "alexnet": ModelEntry(_torchvision("alexnet"), head="classifier.6", weights="AlexNet_Weights.IMAGENET1K_V1"),
+    "vgg16": ModelEntry(_torchvision("vgg16"), head="classifier.6", weights="VGG16_Weights.IMAGENET1K_V1"),
+    "resnet18": ModelEntry(_torchvision("resnet18"), head="fc", weights="ResNet18_Weights.IMAGENET1K_V1"),
 }
 SCRATCH_BUILDERS = {"resnet18": _resnet18_cifar}   # CIFAR-specific variants for training from scratch
 
@@ -87,19 +80,6 @@ def entry(model: str) -> ModelEntry:
     if model not in REGISTRY:
         raise UserError(f"unknown model '{model}' (known: {', '.join(REGISTRY)})")
     return REGISTRY[model]
-
-
-def default_resolution(model: str, mode: str) -> int:
-    e = entry(model)
-    return e.scratch_resolution if mode == "scratch" else e.pretrained_resolution
-
-
-def resolve_resolution(model: str, mode: str, resolution: int | None) -> int:
-    e = entry(model)
-    res = resolution or default_resolution(model, mode)
-    if res < e.min_resolution:
-        raise UserError(f"resolution={res} is too small for {model} (its pooling needs >= {e.min_resolution} px)")
-    return res
 
 
 def _get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:

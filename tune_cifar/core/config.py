@@ -11,6 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 MODELS = ("simple_cnn", "alexnet", "vgg16", "resnet18")
+# What each architecture takes as input, in pixels: (smallest sensible input when trained from
+# scratch, the size below which its pooling fails). Pretrained modes default to 224 px, what the
+# ImageNet weights were trained at. Kept here, with no torch, so that search spaces and the data
+# layer can size inputs without asking the model registry.
+INPUT_SIZES = {"simple_cnn": (32, 16), "alexnet": (64, 63), "vgg16": (32, 32), "resnet18": (32, 32)}
+PRETRAINED_RESOLUTION = 224
 MODES = ("scratch", "frozen", "full")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -20,6 +26,26 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 class UserError(ValueError):
     """Bad input from the user: the CLI prints it as one line and exits with status 2."""
+
+
+def min_resolution(model: str) -> int:
+    """The smallest input `model` takes (its pooling fails below)."""
+    if model not in INPUT_SIZES:
+        raise UserError(f"unknown model '{model}' (known: {', '.join(MODELS)})")
+    return INPUT_SIZES[model][1]
+
+
+def default_resolution(model: str, mode: str) -> int:
+    min_resolution(model)
+    return INPUT_SIZES[model][0] if mode == "scratch" else PRETRAINED_RESOLUTION
+
+
+def resolve_resolution(model: str, mode: str, resolution: int | None) -> int:
+    """The input resolution a model x mode trains at: `resolution`, else its default; too small is an error."""
+    res = resolution or default_resolution(model, mode)
+    if res < min_resolution(model):
+        raise UserError(f"resolution={res} is too small for {model} (its pooling needs >= {min_resolution(model)} px)")
+    return res
 
 
 @dataclass

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .config import UserError
+from ..core.config import UserError
 
 EXPOSED_DASHBOARD_WARNING = (
     "warning: the Ray dashboard on {host} is reachable from the network: anyone who reaches it can "
@@ -41,7 +41,7 @@ def trial_resources(gpu: float | None, cpu: float | None, spec_resources, ray_op
     """Per-trial Ray resources. An explicit flag asking for more than exists is an error; the space
     file's defaults are fitted to this machine with a one-line note (they were written for another).
     On a cluster the resources may be on other nodes, so nothing is fitted or refused here."""
-    from .spaces import Resources, check_resources
+    from ..core.spaces import Resources, check_resources
     n_gpus, cores = gpus_present(), os.cpu_count() or 1
     cluster = ray_opts.joins_cluster()
     if gpu is not None and gpu > 0 and not n_gpus and not cluster:

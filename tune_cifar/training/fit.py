@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import TrainConfig, UserError
-from .data import DeviceData, device_of
-from .models import REGISTRY, build_model, join_frozen, resolve_resolution, split_frozen
+from ..core.config import TrainConfig, UserError
+from ..data.store import DeviceData, device_of
+from ..core.config import resolve_resolution
+from .models import REGISTRY, build_model, join_frozen, split_frozen
 
 # on_round(record, state): called after every round with its metrics and a function that builds the
 # resumable state on demand; returning True stops training after this round.

@@ -26,30 +26,27 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from ..core.trial import CANDIDATE, SPLIT, Status, candidate_values, label, status_of, tag_number
+
 REFRESH_S = 2.0
-# what the trainable reports as `status` when a trial ends by its own rule (trainable.py / fit.py)
-OWN_ENDINGS = ("diverged", "oom", "early_stopped")
 STYLES = {"running": "bold", "completed": "green", "error": "red", "diverged": "red", "oom": "red",
           "pending": "dim", "stopped by ASHA": "dim", "stopped (time budget)": "dim", "not run": "dim"}
 
 
 def trial_number(trial: Trial) -> int:
     """1, 2, 3, ... as in the trial_<n>_<id> folders (trainable.trial_dirname)."""
-    head = trial.experiment_tag.split("_", 1)[0]
-    return int(head) if head.isdigit() else 0
+    return tag_number(trial.experiment_tag)
 
 
 def hyper_parameters(trial: Trial, keys: list[str]) -> dict[str, Any]:
     """The trial's values of the searched keys; a kfold trial's are those of its configuration."""
-    cfg = trial.config
-    if "_candidate" in cfg:
-        cfg = {**cfg, **cfg["_candidates"][cfg["_candidate"]]}
+    cfg = candidate_values(trial.config)
     return {k: cfg.get(k) for k in keys}
 
 
 def max_rounds(trial: Trial) -> int:
     """Rounds of a trial that runs to its end: every trial config holds epochs and evals_per_epoch."""
-    cfg = trial.config
+    cfg = candidate_values(trial.config)
     return int(cfg.get("epochs") or 0) * int(cfg.get("evals_per_epoch") or 1)
 
 
@@ -59,26 +56,19 @@ def last_result(trial: Trial) -> dict[str, Any]:
 
 
 def trial_status(trial: Trial, ended_by_clock: bool = False, ending: bool = False) -> str:
-    """running / completed / stopped by ASHA / diverged / oom / early_stopped / error / pending / ...
+    """The live view's word for a trial: core.trial's status (its `label`), or pending / running.
 
     A TERMINATED trial that did not end by its own rule and ran fewer than its max rounds was stopped
-    from outside: by ASHA, or by the time budget when that had run out (trials.py calls both 'stopped').
+    from outside: by ASHA, or by the time budget when that had run out (trials.csv: 'stopped').
     ending: called from on_trial_complete, where Tune has not yet marked the trial TERMINATED."""
-    if trial.status == Trial.ERROR:
-        return "error"
     if trial.status in (Trial.PENDING, Trial.PAUSED) and not ending:
         return trial.status.lower()
     last = last_result(trial)
-    if last.get("status") in OWN_ENDINGS:
-        return last["status"]
-    if trial.status == Trial.RUNNING and not ending:
-        return "running"
-    rounds = int(last.get("training_iteration") or 0)
-    if rounds == 0:
-        return "not run"
-    if rounds >= max_rounds(trial):
-        return "completed"
-    return "stopped (time budget)" if ended_by_clock else "stopped by ASHA"
+    if trial.status == Trial.RUNNING and not ending and last.get("status") in (None, Status.RUNNING.value):
+        return Status.RUNNING.value
+    status = status_of(reported=last.get("status"), rounds=int(last.get("training_iteration") or 0),
+                       max_rounds=max_rounds(trial), error=trial.status == Trial.ERROR)
+    return label(status, ended_by_clock)
 
 
 def error_line(trial: Trial) -> str:
@@ -157,7 +147,7 @@ class LiveView(Callback):
             folds: dict[int, list[float]] = {}
             for t in trials:
                 if self.status(t) == "completed" and last_result(t).get("val_acc") is not None:
-                    folds.setdefault(t.config["_candidate"], []).append(last_result(t)["val_acc"])
+                    folds.setdefault(t.config[CANDIDATE], []).append(last_result(t)["val_acc"])
             if not folds:
                 return ""
             c, accs = max(folds.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
@@ -184,7 +174,7 @@ class LiveView(Callback):
 
     def cells(self, t: Trial) -> list[str]:
         last, acc = last_result(t), t.metric_analysis.get("val_acc", {})
-        who = ([str(t.config["_candidate"]), str(t.config["_fold_index"])] if self.kind == "kfold"
+        who = ([str(t.config[CANDIDATE]), str(t.config[SPLIT])] if self.kind == "kfold"
                else [str(trial_number(t))])
         epochs = t.config.get("epochs")
         return [*who, self.status(t), *(fmt(v) for v in hyper_parameters(t, self.params).values()),

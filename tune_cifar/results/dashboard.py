@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from .config import UserError
+from ..core.config import UserError
 from .folders import experiment_path
 
 HOST = "127.0.0.1"

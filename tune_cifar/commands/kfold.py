@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, UserError, value_from_csv
-from .experiment import (
+from ..core.config import TrainConfig, UserError, value_from_csv
+from ..tuning.runner import (
     Plan,
     RunOptions,
     check_time_budget,
@@ -25,9 +25,10 @@ from .experiment import (
     reopen,
     run_config,
 )
-from .folders import experiment_dir, find_experiment, ranked_trials, read_json, read_yaml, write_csv
-from .spaces import SearchSpec, check_value, find_space, load_space
-from .trials import trial_rows
+from ..results.folders import experiment_dir, find_experiment, ranked_trials, read_json, read_yaml, write_csv
+from ..core.spaces import SearchSpec, check_value, find_space, load_space
+from ..core.trial import CANDIDATE, SPLIT, Status, fold_config
+from ..tuning.trials import trial_rows
 
 PLAN_FLAGS = ("k", "repeats", "epochs", "num_samples", "from_search", "top", "fixed", "subset", "data_dir",
               "weights", "seed", "time_budget", "max_failures", "gpus_per_trial", "cpus_per_trial")
@@ -83,7 +84,8 @@ def check_folds(k: int, repeats: int, base: TrainConfig, flag: str = "--k") -> N
     """K must fit the rarest class of the pool the folds are cut from (stratification)."""
     import numpy as np
 
-    from .data import stratified_subset, training_labels
+    from ..data.cache import training_labels
+    from ..data.splits import stratified_subset
     if k < 2:
         raise UserError(f"{flag}={k}: K-fold needs at least 2 folds")
     if repeats < 1:
@@ -126,7 +128,7 @@ def plan_kfold(name: str, opts: KFoldOptions) -> Plan:
     check_folds(opts.k, opts.repeats, base)
     check_fold_batches(candidates, base, opts.k)
     exp = experiment_dir(opts.results_dir, opts.name or f"kfold_{spec.name}", overwrite=opts.overwrite)
-    from .trainable import fault_injection
+    from ..tuning.trainable import fault_injection
     return make_plan(spec, dataclasses.replace(opts, data_dir=data_dir), base, candidates, exp, resources,
                      fault_injection())
 
@@ -136,7 +138,7 @@ def plan_modes(model: str, opts: KFoldOptions) -> Plan:
     on the same splits. Each mode runs its search's best configuration when a finished search of it
     is in the results folder, else its space's default point, with its own resolution, epochs and
     fixed settings; `--set key=value` applies to every mode (resolution=32 on a CPU)."""
-    from .models import entry
+    from ..training.models import entry
     entry(model)
     if opts.resume:
         return resumed_plan(None, opts, f"compare_cv_{model}")
@@ -161,14 +163,14 @@ def plan_modes(model: str, opts: KFoldOptions) -> Plan:
     check_folds(opts.k, opts.repeats, base)
     check_fold_batches(candidates, base, opts.k)
     exp = experiment_dir(opts.results_dir, opts.name or f"compare_cv_{model}", overwrite=opts.overwrite)
-    from .trainable import fault_injection
+    from ..tuning.trainable import fault_injection
     return make_plan(load_space(f"{model}_scratch"), dataclasses.replace(opts, data_dir=data_dir), base, candidates,
                      exp, resources, fault_injection())
 
 
 def check_fold_batches(candidates: list[dict[str, Any]], base: TrainConfig, k: int) -> None:
-    from .data import train_size
-    from .fit import check_rounds
+    from ..data.cache import train_size
+    from ..training.fit import check_rounds
     for c in candidates:
         cfg = base.replace(**c)
         check_rounds(train_size(cfg, k=k), cfg.batch_size, cfg.evals_per_epoch, "kfold configuration")
@@ -201,10 +203,9 @@ def make_plan(spec: SearchSpec, opts: KFoldOptions, base: TrainConfig, candidate
 def fold_param_space(base: TrainConfig, candidates: list[dict[str, Any]], k: int, repeats: int) -> dict[str, Any]:
     """Tune's param_space for every (configuration, split) pair: a grid over both."""
     from ray import tune
-    constants: dict[str, Any] = base.to_dict()
-    constants.update(_candidates=candidates, _k=k, _repeats=repeats,
-                     _candidate=tune.grid_search(list(range(len(candidates)))),
-                     _fold_index=tune.grid_search(list(range(k * repeats))))
+    constants: dict[str, Any] = {**base.to_dict(), **fold_config(candidates, k, repeats)}
+    constants.update({CANDIDATE: tune.grid_search(list(range(len(candidates)))),
+                      SPLIT: tune.grid_search(list(range(k * repeats)))})
     return constants
 
 
@@ -212,7 +213,7 @@ def make_tuner(base: TrainConfig, candidates: list[dict[str, Any]], opts: KFoldO
                inject: dict[str, Any], trainable, time_budget_s: float | None):
     from ray import tune
 
-    from .trainable import trial_dirname
+    from ..tuning.trainable import trial_dirname
     constants = fold_param_space(base, candidates, opts.k, opts.repeats)
     if inject:
         constants["_inject"] = inject
@@ -224,18 +225,16 @@ def make_tuner(base: TrainConfig, candidates: list[dict[str, Any]], opts: KFoldO
 
 
 def fold_rows(results, base: TrainConfig, candidates: list[dict[str, Any]], k: int):
-    """kfold_folds.csv: one row per (configuration, split) trial of a ResultGrid. A trial is completed
-    when it ran its own configuration's rounds (candidates may set other epochs than the base)."""
+    """kfold_folds.csv: one row per (configuration, split) trial of a ResultGrid (a trial is completed
+    when it ran its own candidate's rounds: trials.max_rounds)."""
     import pandas as pd
-    rows, _ = trial_rows(results, ["_candidate", "_fold_index"], None)
+    rows, _ = trial_rows(results, [CANDIDATE, SPLIT])
     folds = []
     for r in rows:
-        split = int(r["_fold_index"])
-        cand = candidates[int(r["_candidate"])]
-        cfg = base.replace(**cand)
-        status = "completed" if r["status"] == "stopped" and r["rounds"] >= cfg.epochs * cfg.evals_per_epoch \
-            else r["status"]
-        folds.append({"config": int(r["_candidate"]), "fold": split, "repeat": split // k, **cand,
+        split = int(r[SPLIT])
+        cand = candidates[int(r[CANDIDATE])]
+        status = r["status"]
+        folds.append({"config": int(r[CANDIDATE]), "fold": split, "repeat": split // k, **cand,
                       "accuracy": r["last_val_acc"], "loss": r["last_val_loss"], "epochs": r["epochs"],
                       "seconds": r["seconds"], "status": status, "node": r["node"], "error": r["error"]})
     return pd.DataFrame(folds).sort_values(["config", "fold"])
@@ -246,10 +245,10 @@ def cv_table(folds, candidates: list[dict[str, Any]], k: int, repeats: int):
     paired comparison with the best configuration (stats.compare_to_best)."""
     import pandas as pd
 
-    from .stats import compare_to_best, holdout_ratio
+    from ..core.stats import compare_to_best, holdout_ratio
     searched = sorted({key for c in candidates for key in c})
     splits = k * repeats
-    ok = folds[folds["status"] == "completed"]
+    ok = folds[folds["status"] == Status.COMPLETED.value]
     acc = (ok.pivot(index="config", columns="fold", values="accuracy").astype(float)
            .reindex(index=range(len(candidates)), columns=range(splits)))
     stats = compare_to_best(acc, holdout_ratio(k))
@@ -265,7 +264,7 @@ def cv_table(folds, candidates: list[dict[str, Any]], k: int, repeats: int):
 
 
 def print_cv_table(table, title: str = "") -> None:
-    from .stats import ASSUMPTION, standing
+    from ..core.stats import ASSUMPTION, standing
     searched = [c for c in table.columns if c not in CV_COLUMNS and not c.startswith("fold_")]
     shown = table.assign(verdict=table.apply(standing, axis=1))
     cols = ["config", *[c for c in searched if c != "config"], "folds_ok", "mean_acc", "ci_low", "ci_high",

@@ -22,7 +22,7 @@ import pandas as pd
 from markdown.extensions import Extension
 from markdown.treeprocessors import Treeprocessor
 
-from .config import UserError
+from ..core.config import UserError
 from .folders import ranked_trials, read_json, read_yaml, write_csv, write_png, write_text
 
 TOP_CURVES = 4
@@ -238,7 +238,7 @@ VERDICT_COLORS = {"best": "C2", "tied with best": "C0"}      # anything else (wo
 def plot_kfold(exp: Path, table: pd.DataFrame) -> str:
     """Mean accuracy per configuration with its 95 % interval as error bars, every split as a dot;
     green: the best, blue: statistically tied with it, grey: worse (or too few splits to tell)."""
-    from .stats import standing
+    from ..core.stats import standing
     table = table.sort_values("mean_acc", ascending=False)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(table) + 2), 4))
     x = np.arange(len(table))
@@ -261,7 +261,7 @@ def plot_kfold(exp: Path, table: pd.DataFrame) -> str:
 def kfold_section(table: pd.DataFrame, img: str) -> list[str]:
     """The cross-validation table in words: which configurations are tied with the best, and why to
     trust it (the same section serves kfold's report and search --cv-top's)."""
-    from .stats import ASSUMPTION, standing
+    from ..core.stats import ASSUMPTION, standing
     k, r = int(table["k"].iloc[0]), int(table["repeats"].iloc[0])
     shown = table.assign(verdict=table.apply(standing, axis=1))
     cols = [c for c in shown.columns if not c.startswith("fold_") and c not in ("k", "repeats", "reason")]

@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .config import TrainConfig, UserError, value_from_csv
-from .experiment import Phases, Plan, print_phases, run
-from .folders import ranked_trials, read_json, write_json, write_torch
+from ..core.config import TrainConfig, UserError, value_from_csv
+from ..tuning.runner import Phases, Plan, print_phases, run
+from ..results.folders import ranked_trials, read_json, write_json, write_torch
 from .search import SEARCH_STAGE_FILE, test_once
-from .spaces import SearchSpec
+from ..core.spaces import SearchSpec
 
 CV_DIR = "cv"
 RETRAIN_CHECKPOINT = "retrain.pt"
@@ -121,8 +121,8 @@ def cross_validate(plan: Plan, spec: SearchSpec, candidates: list[dict[str, Any]
 def can_restore(exp: Path, opts) -> bool:
     from ray import tune
 
-    from .experiment import tune_path
-    from .folders import RAY_DIR
+    from ..tuning.runner import tune_path
+    from ..results.folders import RAY_DIR
     return tune.Tuner.can_restore(f"{tune_path(exp, opts.ray)}/{RAY_DIR}")
 
 
@@ -131,11 +131,12 @@ def retrain(cfg: TrainConfig, exp: Path):
     Returns fit's FitResult (the model, and the rounds with the precision they ran in)."""
     import torch
 
-    from .data import WHOLE_POOL, device_data
-    from .fit import fit
+    from ..data.cache import device_data
+    from ..data.splits import WholePool
+    from ..training.fit import fit
     checkpoint = exp / RETRAIN_CHECKPOINT
     resume = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.exists() else None
-    data = device_data(cfg, fold=WHOLE_POOL)
+    data = device_data(cfg, WholePool())
 
     def on_round(record: dict[str, Any], state) -> None:
         write_torch(checkpoint, state())

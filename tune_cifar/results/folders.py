@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
-from .config import UserError
+from ..core.config import UserError
+from ..core.trial import SUCCEEDED
 
 RAY_DIR = "tune"
-SUCCEEDED = ("completed", "stopped", "early_stopped")    # trial statuses that end with a usable val_acc
 
 
 def command_line(args: list[str] | None = None) -> str:
@@ -153,16 +153,10 @@ def experiment_path(results_dir: Path, name: str) -> Path:
     return p
 
 
-def trial_number(trial_dir: str | Path | None) -> int | None:
-    """n of a `trial_<n>_<id>` trial folder (None for a folder not named that way)."""
-    parts = Path(trial_dir or "").name.split("_")
-    return int(parts[1]) if len(parts) >= 2 and parts[0] == "trial" and parts[1].isdigit() else None
-
-
 def ranked_trials(trials):
     """The rows of trials.csv that finished with a validation accuracy, best first; of equals, the one
     trained longer (what best.json, --from-search and the report call the best)."""
-    ok = trials[trials["status"].isin(SUCCEEDED)].dropna(subset=["last_val_acc"])
+    ok = trials[trials["status"].isin([s.value for s in SUCCEEDED])].dropna(subset=["last_val_acc"])
     return ok.sort_values(["last_val_acc", "rounds"], ascending=False)
 
 

@@ -265,7 +265,7 @@ def check_value(where: str, key: str, value: Any, base: TrainConfig) -> Any:
 
 
 def check_resolution(where: str, base: TrainConfig, resolution: int | None) -> None:
-    from .models import resolve_resolution
+    from .config import resolve_resolution
     try:
         resolve_resolution(base.model, base.mode, resolution)
     except UserError as e:
