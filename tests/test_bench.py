@@ -8,7 +8,7 @@ import json
 import torch
 from conftest import run_cli
 
-from tune_cifar.bench.run import SIZES, TARGETS, target_text, verdict
+from tune_cifar.bench.sizes import SIZES, TARGETS, target_text, verdict
 
 PARTS = ["P1", "P4", "P4c", "P2", "P3", "P5", "P6", "P7"]
 
@@ -28,8 +28,8 @@ def test_accept_quick_on_the_cpu(cifar_dir, tmp_path):
         assert isinstance(p["value"], float) and p["value"] > 0, p
         assert p["target"] and p["what"] and p["sizes"] and p["seconds"] >= 0, p
         # GPU targets are not failures on a CPU; P2's target (a ratio of wall times) applies anywhere
-        assert p["verdict"] == ("n/a on CPU" if name != "P2" else p["verdict"]), p
-        assert p["verdict"] in ("pass", "fail", "n/a on CPU"), p
+        if name != "P2":
+            assert p["verdict"] == "n/a on CPU", p
     assert parts["P2"]["target"] == "<= 1.25" and parts["P2"]["verdict"] in ("pass", "fail")
     assert len(parts["P1"]["details"]["rows"]) == 10
     assert parts["P4c"]["details"]["compile_backend"] == "aot_eager"

@@ -175,7 +175,7 @@ def test_resume_after_ctrl_c_keeps_bf16_and_finishes(small_cifar, tmp_path):
 def test_auto_precision_on_the_cpu_follows_native_bf16(native, monkeypatch):
     """precision=auto on a CPU: bf16 autocast exactly where the CPU computes bf16 natively (emulated
     bf16 is slower than fp32); an explicit fp32 or bf16 always wins."""
-    from tune_cifar.training import fit
+    from tune_cifar.training import step as fit
     from tune_cifar.core.config import TrainConfig
     monkeypatch.setattr(fit, "cpu_has_bf16", lambda: native)
     cfg = TrainConfig(model="simple_cnn", mode="scratch", device="cpu")
@@ -187,6 +187,6 @@ def test_auto_precision_on_the_cpu_follows_native_bf16(native, monkeypatch):
 
 def test_this_cpu_reports_its_bf16_support():
     """The query itself runs on this torch build and agrees with the CPU's flags."""
-    from tune_cifar.training.fit import cpu_has_bf16
+    from tune_cifar.training.step import cpu_has_bf16
     flags = set(open("/proc/cpuinfo").read().split())       # Linux, as CI
     assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -63,7 +63,7 @@ def test_search_writes_consistent_results(first_search):
     assert best["val_acc"] == trials["last_val_acc"].max()
     assert 0.1 < best["test_acc"] <= 1
     # precision: auto, resolved by each trial on its own CPU (bf16 where it computes bf16 natively)
-    from tune_cifar.training.fit import cpu_has_bf16
+    from tune_cifar.training.step import cpu_has_bf16
     assert set(trials["precision_used"]) == {"bf16" if cpu_has_bf16() else "fp32"} == {best["precision_used"]}
     saved = torch.load(exp / "best_model.pt", weights_only=True)
     assert saved["config"]["lr"] == pytest.approx(best["best_config"]["lr"])
@@ -71,7 +71,7 @@ def test_search_writes_consistent_results(first_search):
     from tune_cifar.core.config import TrainConfig
     from tune_cifar.data.cache import device_data
     from tune_cifar.results.export import load_trained
-    from tune_cifar.training.fit import evaluate_test
+    from tune_cifar.training.evaluate import evaluate_test
     model, cfg, _ = load_trained(exp)
     test_acc = evaluate_test(model, cfg.replace(threads=None), device_data(cfg))["test_acc"]
     assert test_acc == pytest.approx(best["test_acc"])

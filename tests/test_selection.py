@@ -13,7 +13,7 @@ from conftest import TINY
 @pytest.fixture()
 def test_evaluations(monkeypatch):
     """Counts every evaluation on the test set made by this process (the driver: trials never test)."""
-    import tune_cifar.training.fit as fit
+    import tune_cifar.training.evaluate as fit
     calls = []
     real = fit.evaluate_test
 

@@ -10,7 +10,9 @@ from conftest import run_cli
 
 from tune_cifar.core.config import TrainConfig
 from tune_cifar.data.cache import device_data
-from tune_cifar.training.fit import Runtime, evaluate, evaluate_test, fit
+from tune_cifar.training.evaluate import evaluate, evaluate_test
+from tune_cifar.training.fit import fit
+from tune_cifar.training.step import Runtime
 
 
 def test_train_command_learns(cifar_dir, tmp_path):

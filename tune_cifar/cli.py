@@ -165,7 +165,8 @@ def build_parser() -> Parser:
     b.add_argument("--device", choices=("cpu", "cuda"))
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", type=Path, default=Path("bench.json"))
-    b.add_argument("--only", help="comma-separated scenarios: p1,p2,p3,p4,p5,cpu_budget,search_quality,rungs")
+    b.add_argument("--only", help="comma-separated parts: p1,p4,p4c,p2,p3,p5,p6,p7,pretrained (the acceptance "
+                   "parts, run as --accept runs them) and the studies cpu_budget,search_quality,rungs")
     b.add_argument("--accept", action="store_true",
                    help="the acceptance set (P1-P7 and the accuracy runs) at fixed sizes per device, each part timed, "
                    "with its target and pass/fail; writes OUT.json and OUT.md")
@@ -273,7 +274,7 @@ def cmd_dashboard(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from .bench.run import run_bench
-    run_bench(device=a.device, quick=a.quick, out=a.out, only=a.only, data_dir=a.data_dir, accept=a.accept)
+    run_bench(main, device=a.device, quick=a.quick, out=a.out, only=a.only, data_dir=a.data_dir, accept=a.accept)
 
 
 COMMANDS = {"train": cmd_train, "search": cmd_search, "kfold": cmd_kfold, "report": cmd_report,

@@ -16,18 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import TrainConfig, UserError, value_from_csv
-from ..tuning.runner import (
-    Plan,
-    RunOptions,
-    check_time_budget,
-    prepare_base,
-    recorded_options,
-    reopen,
-    run_config,
-)
+from ..tuning.plan import FoldTrials, Plan, RunOptions, check_time_budget, prepare_base, reopen
 from ..results.folders import experiment_dir, find_experiment, ranked_trials, read_json, read_yaml, write_csv
 from ..core.spaces import SearchSpec, check_value, find_space, load_space
-from ..core.trial import CANDIDATE, SPLIT, Status, fold_config
+from ..core.trial import CANDIDATE, SPLIT, Status
+from ..data.cache import check_folds
 from ..tuning.trials import trial_rows
 
 PLAN_FLAGS = ("k", "repeats", "epochs", "num_samples", "from_search", "top", "fixed", "subset", "data_dir",
@@ -78,24 +71,6 @@ def configs_from_search(spec: SearchSpec, results_dir: Path, exp_name: str, top:
         raise UserError(f"--from-search {exp_name}: no successful trial in {exp}/trials.csv")
     keys = [k for k in searched["space"] if k in ok.columns]
     return [{k: value_from_csv(k, v) for k, v in row.items()} for row in ok[keys].to_dict("records")]
-
-
-def check_folds(k: int, repeats: int, base: TrainConfig, flag: str = "--k") -> None:
-    """K must fit the rarest class of the pool the folds are cut from (stratification)."""
-    import numpy as np
-
-    from ..data.cache import training_labels
-    from ..data.splits import stratified_subset
-    if k < 2:
-        raise UserError(f"{flag}={k}: K-fold needs at least 2 folds")
-    if repeats < 1:
-        raise UserError(f"--repeats={repeats} must be at least 1")
-    labels = training_labels(base)
-    pool = labels[stratified_subset(labels, base.subset, base.split_seed)] if base.subset else labels
-    smallest = int(np.bincount(pool).min())
-    if k > smallest:
-        raise UserError(f"{flag}={k} is larger than the {smallest} images of the rarest class: "
-                        "use fewer folds or a larger --subset")
 
 
 def plan_kfold(name: str, opts: KFoldOptions) -> Plan:
@@ -185,46 +160,14 @@ def resumed_plan(name: str | None, opts: KFoldOptions, default_name: str) -> Pla
 
 def make_plan(spec: SearchSpec, opts: KFoldOptions, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
               resources: dict[str, float], inject: dict[str, Any]) -> Plan:
-    options = recorded_options(opts)
-    spec_record = {"kind": "kfold", "k": opts.k, "repeats": opts.repeats, **spec.to_dict(), "base": base.to_dict(),
-                   "candidates": candidates}
-    return Plan(exp=exp, opts=opts, spec_record=spec_record,
-                plan_record={"kind": "kfold", "spec": spec.to_dict(), "base": base.to_dict(),
-                             "candidates": candidates, "k": opts.k, "repeats": opts.repeats, "options": options,
-                             "resources": resources, "inject": inject},
-                resources=resources, time_budget=opts.time_budget, phase="folds",
-                make_tuner=lambda trainable, seconds: make_tuner(base, candidates, opts, exp, inject, trainable,
-                                                                 seconds),
+    return Plan(exp=exp, opts=opts, trials=FoldTrials(spec, base, candidates, opts.k, opts.repeats),
+                resources=resources, time_budget=opts.time_budget, phase="folds", inject=inject,
                 write_results=lambda results, phases, ray_facts: write_kfold_results(
-                    exp, base, candidates, opts.k, opts.repeats, results, ray_facts),
+                    exp, candidates, opts.k, opts.repeats, results, ray_facts),
                 summary_file="kfold_summary.json")
 
 
-def fold_param_space(base: TrainConfig, candidates: list[dict[str, Any]], k: int, repeats: int) -> dict[str, Any]:
-    """Tune's param_space for every (configuration, split) pair: a grid over both."""
-    from ray import tune
-    constants: dict[str, Any] = {**base.to_dict(), **fold_config(candidates, k, repeats)}
-    constants.update({CANDIDATE: tune.grid_search(list(range(len(candidates)))),
-                      SPLIT: tune.grid_search(list(range(k * repeats)))})
-    return constants
-
-
-def make_tuner(base: TrainConfig, candidates: list[dict[str, Any]], opts: KFoldOptions, exp: Path,
-               inject: dict[str, Any], trainable, time_budget_s: float | None):
-    from ray import tune
-
-    from ..tuning.trainable import trial_dirname
-    constants = fold_param_space(base, candidates, opts.k, opts.repeats)
-    if inject:
-        constants["_inject"] = inject
-    return tune.Tuner(
-        trainable, param_space=constants,
-        tune_config=tune.TuneConfig(reuse_actors=True, time_budget_s=time_budget_s,
-                                    trial_dirname_creator=trial_dirname),
-        run_config=run_config(exp, opts))
-
-
-def fold_rows(results, base: TrainConfig, candidates: list[dict[str, Any]], k: int):
+def fold_rows(results, candidates: list[dict[str, Any]], k: int):
     """kfold_folds.csv: one row per (configuration, split) trial of a ResultGrid (a trial is completed
     when it ran its own candidate's rounds: trials.max_rounds)."""
     import pandas as pd
@@ -286,9 +229,9 @@ CV_COLUMNS = {"config", "k", "repeats", "folds_ok", "mean_acc", "std_acc", "ci_l
               "p_vs_best", "p_holm", "p_wilcoxon", "tied_with_best", "reason", "min_acc", "max_acc"}
 
 
-def write_kfold_results(exp: Path, base: TrainConfig, candidates: list[dict[str, Any]], k: int, repeats: int,
+def write_kfold_results(exp: Path, candidates: list[dict[str, Any]], k: int, repeats: int,
                         results, ray_facts: dict) -> dict[str, Any]:
-    folds = fold_rows(results, base, candidates, k)
+    folds = fold_rows(results, candidates, k)
     write_csv(exp / "kfold_folds.csv", folds)
     table = cv_table(folds, candidates, k, repeats)
     write_csv(exp / "kfold.csv", table)

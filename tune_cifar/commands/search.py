@@ -14,20 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import UserError
-from ..tuning.runner import (
-    Plan,
-    RunOptions,
-    check_time_budget,
-    prepare_base,
-    recorded_options,
-    reopen,
-    run_config,
-)
-from ..results.folders import experiment_dir, ranked_trials, write_csv, write_json, write_torch
-from ..core.spaces import SearchSpec, asha_rounds, check_budget, check_rungs, find_space, load_space
+from ..tuning.plan import Plan, RunOptions, SearchTrials, check_time_budget, prepare_base, reopen
+from ..results.folders import experiment_dir, ranked_trials, write_csv, write_json
+from ..results.tested import test_once
+from ..core.spaces import SearchSpec, check_budget, check_rungs, find_space, load_space
 from ..tuning.trials import trial_rows
 
-METRIC, MODE = "val_acc", "max"
 QUICK = {"num_samples": 6, "max_epochs": 4, "subset": 10000}
 QUICK_BIG_MODEL = {"subset": 1000, "resolution": 64}     # pretrained nets at 224 px are slow on a CPU
 SEARCH_STAGE_FILE = "search.json"     # the search stage's summary when --cv-top selects the winner
@@ -86,7 +78,7 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
     base, resources, data_dir = prepare_base(spec, opts, "search", **changes)
     check_batches(spec, base)
     if opts.cv_top is not None:
-        from .kfold import check_folds
+        from ..data.cache import check_folds
         check_folds(opts.k, opts.repeats, base)
         check_batches(spec, base, k=opts.k)
     elif (opts.k, opts.repeats) != (5, 1):
@@ -119,49 +111,12 @@ def resumed_plan(name: str, opts: SearchOptions) -> Plan:
 
 def make_plan(spec: SearchSpec, opts: SearchOptions, exp: Path, resources: dict[str, float],
               inject: dict[str, Any]) -> Plan:
-    options = recorded_options(opts)
-    return Plan(exp=exp, opts=opts, spec_record=spec.to_dict(),
-                plan_record={"kind": "search", "spec": spec.to_dict(), "options": options, "resources": resources,
-                             "inject": inject},
-                resources=resources, time_budget=spec.budget.time_budget_s, phase="search",
-                make_tuner=lambda trainable, seconds: make_tuner(spec, opts, exp, inject, trainable, seconds),
+    return Plan(exp=exp, opts=opts, trials=SearchTrials(spec, opts.seed, opts.study_feedback), resources=resources,
+                time_budget=spec.budget.time_budget_s, phase="search", inject=inject,
                 write_results=lambda results, phases, ray_facts: write_search_results(
                     spec, exp, resources, results, phases, ray_facts, test=opts.cv_top is None),
                 # with --cv-top the search is only the first stage: selection.py writes best.json
                 summary_file="best.json" if opts.cv_top is None else SEARCH_STAGE_FILE)
-
-
-def make_tuner(spec: SearchSpec, opts: SearchOptions, exp: Path, inject: dict[str, Any], trainable,
-               time_budget_s: float | None):
-    import optuna
-    import ray
-    from ray import tune
-
-    from ..tuning.searchers import make_scheduler, make_search_alg, search_callbacks, tune_space
-    from ..tuning.trainable import trial_dirname
-
-    max_t, grace = asha_rounds(spec.budget, spec.base.evals_per_epoch)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(exp / 'optuna.db').resolve()}")
-    # no more trials pending or running than one per CPU of the cluster, plus one ready to start
-    max_live = int(ray.cluster_resources().get("CPU", 1)) + 1
-    search_alg = make_search_alg(spec.budget.searcher, spec.optuna_space(), [spec.default_point()], METRIC, MODE,
-                                 opts.seed, storage, exp.name, max_t, feedback=opts.study_feedback,
-                                 max_live=max_live)
-    constants = spec.base.to_dict()
-    for k in spec.space:
-        constants.pop(k, None)
-    if spec.budget.searcher == "random":
-        constants.update(tune_space(spec.optuna_space()))     # Tune's own sampler draws from the param_space
-    if inject:
-        constants["_inject"] = inject
-    return tune.Tuner(
-        trainable, param_space=constants,
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg,
-                                    scheduler=make_scheduler(max_t, grace, spec.budget.reduction_factor,
-                                                             spec.budget.brackets),
-                                    num_samples=spec.budget.num_samples, reuse_actors=True,
-                                    time_budget_s=time_budget_s, trial_dirname_creator=trial_dirname),
-        run_config=run_config(exp, opts, search_callbacks(search_alg)))
 
 
 def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float], results, phases,
@@ -171,7 +126,7 @@ def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float
     import pandas as pd
     import torch
 
-    from ..tuning.trainable import STATE_FILE
+    from ..core.trial import STATE_FILE
 
     rows, history = trial_rows(results, list(spec.space))
     trials = pd.DataFrame(rows)
@@ -200,25 +155,6 @@ def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float
     write_json(exp / "best.json", summary)
     print_summary(trials, summary, list(spec.space))
     return summary
-
-
-def test_once(exp: Path, cfg, state: dict[str, Any] | None = None, model=None) -> dict[str, Any]:
-    """The experiment's one look at the test set: the chosen model (`model`, or rebuilt from a trial's
-    checkpoint `state`) evaluated once; writes best_model.pt and test_predictions.json."""
-    from ..data.cache import device_data
-    from ..training.fit import evaluate_test, model_from_state
-
-    data = device_data(cfg.replace(threads=None, device="auto"))
-    if model is None:
-        model = model_from_state(cfg, state, len(data.classes))
-    metrics = evaluate_test(model, cfg.replace(device="auto"), data)
-    write_torch(exp / "best_model.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
-                                        "classes": list(data.classes)})
-    write_json(exp / "test_predictions.json", {"predictions": metrics.pop("predictions"),
-                                               "labels": data.test.y.cpu().tolist(), "classes": list(data.classes)})
-    return {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"], "config": cfg.to_dict(),
-            "classes": list(data.classes), "test_source": data.test_source, "checkpoint": "best_model.pt",
-            "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
 
 
 def print_summary(trials, summary: dict[str, Any], searched: list[str]) -> None:

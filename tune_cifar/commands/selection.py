@@ -20,9 +20,12 @@ from typing import Any, Callable
 import pandas as pd
 
 from ..core.config import TrainConfig, UserError, value_from_csv
-from ..tuning.runner import Phases, Plan, print_phases, run
+from ..tuning.plan import Phases, Plan
+from ..tuning.runner import print_phases, run
+from ..tuning.tuners import can_restore
 from ..results.folders import ranked_trials, read_json, write_json, write_torch
-from .search import SEARCH_STAGE_FILE, test_once
+from ..results.tested import test_once
+from .search import SEARCH_STAGE_FILE
 from ..core.spaces import SearchSpec
 
 CV_DIR = "cv"
@@ -36,7 +39,7 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
         print(f"{exp}: already finished (best.json)")
         return read_json(exp / "best.json")
     phases = Phases(opts.started)
-    spec = SearchSpec.from_dict(plan.plan_record["spec"], where=str(exp / "plan.json"))
+    spec = plan.trials.spec
     if (exp / SEARCH_STAGE_FILE).exists():
         print(f"search stage already done ({exp / SEARCH_STAGE_FILE})")
     else:
@@ -111,19 +114,11 @@ def cross_validate(plan: Plan, spec: SearchSpec, candidates: list[dict[str, Any]
                                   if hasattr(opts, f.name) and f.name not in ("time_budget", "started")},
                                started=time.time())
         # continue the folds Tune had saved; a cv/ killed before Tune saved anything starts again
-        restorable = (cv / "plan.json").exists() and can_restore(cv, opts)
+        restorable = (cv / "plan.json").exists() and can_restore(cv, opts.ray)
         cv_opts = dataclasses.replace(cv_opts, resume=restorable, overwrite=cv.exists() and not restorable)
         base = spec.base.replace(patience=0)
-        run(make_plan(spec, cv_opts, base, candidates, cv, plan.resources, plan.plan_record.get("inject") or {}))
+        run(make_plan(spec, cv_opts, base, candidates, cv, plan.resources, plan.inject))
     return pd.read_csv(cv / "kfold.csv").fillna({"reason": ""})
-
-
-def can_restore(exp: Path, opts) -> bool:
-    from ray import tune
-
-    from ..tuning.runner import tune_path
-    from ..results.folders import RAY_DIR
-    return tune.Tuner.can_restore(f"{tune_path(exp, opts.ray)}/{RAY_DIR}")
 
 
 def retrain(cfg: TrainConfig, exp: Path):

@@ -58,7 +58,8 @@ def saved_config(exp: Path) -> TrainConfig:
 def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool, command: str | None = None) -> dict[str, Any]:
 
     from ..data.cache import device_data
-    from ..training.fit import evaluate_test, fit
+    from ..training.evaluate import evaluate_test
+    from ..training.fit import fit
 
     started = time.time()
     start_experiment(exp, overwrite=overwrite)

@@ -62,6 +62,12 @@ def label(status: Status, ended_by_clock: bool = False) -> str:
     return "not run" if status is Status.NOT_RUN else status.value
 
 
+# What a trial's checkpoint folder holds (tuning/trainable.py writes it, --resume and the test read it).
+STATE_FILE = "state.pt"         # fit's state: model, optimizer, history, round
+META_FILE = "trial.json"        # when the trial's first attempt started
+MENDED_FILE = "mended.json"     # in a checkpoint --resume put in place of a lost one (checkpoint_mend.py)
+
+
 # --------------------------------------------------------------------------- trial numbers
 
 def trial_dirname(number: int | str, trial_id: str) -> str:

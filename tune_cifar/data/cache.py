@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from ..core.config import resolve_resolution
+from ..core.config import UserError, resolve_resolution
 from .readers import ImageSet
 from .sources import load_images, locate
 from .splits import Holdout, Splitter, check_split, check_subset, stratified_subset
@@ -31,6 +31,20 @@ def check_data(cfg) -> None:
     check_subset(cfg.subset, images.train_y)
     pool = images.train_y[stratified_subset(images.train_y, cfg.subset, cfg.split_seed)]
     check_split(pool, cfg.val_fraction, images.classes, "validation")
+
+
+def check_folds(k: int, repeats: int, base, flag: str = "--k") -> None:
+    """K must fit the rarest class of the pool the folds are cut from (stratification)."""
+    if k < 2:
+        raise UserError(f"{flag}={k}: K-fold needs at least 2 folds")
+    if repeats < 1:
+        raise UserError(f"--repeats={repeats} must be at least 1")
+    labels = training_labels(base)
+    pool = labels[stratified_subset(labels, base.subset, base.split_seed)] if base.subset else labels
+    smallest = int(np.bincount(pool).min())
+    if k > smallest:
+        raise UserError(f"{flag}={k} is larger than the {smallest} images of the rarest class: "
+                        "use fewer folds or a larger --subset")
 
 
 def stored_resolution(cfg) -> int | None:

@@ -9,14 +9,16 @@ buffer and copied asynchronously; on the CPU the device is host memory, so nothi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..core.config import UserError
-from .readers import ImageSet
+
+if TYPE_CHECKING:                      # a type only: the store does not depend on how images were read
+    from .readers import ImageSet
 
 MEAN = (0.4914, 0.4822, 0.4465)    # CIFAR-10's channel statistics, used to normalise every data set
 STD = (0.2470, 0.2435, 0.2616)
@@ -174,7 +176,7 @@ def _free_bytes(device: torch.device) -> int | None:
     return int(free)
 
 
-def to_device(cifar: ImageSet, train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device,
+def to_device(cifar: "ImageSet", train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device,
               stream: bool | None = None) -> DeviceData:
     """The three splits on `device`: resident, or streamed from host memory when they do not fit
     (`streams`; stream=True/False forces the choice)."""

@@ -12,21 +12,19 @@ head(backbone(x)) with the backbone in eval mode, at a fraction of the cost.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core.config import TrainConfig, UserError
-from ..data.store import DeviceData, device_of
-from ..core.config import resolve_resolution
-from .models import REGISTRY, build_model, join_frozen, split_frozen
+from ..data.store import DeviceData
+from .evaluate import eval_batch, evaluate
+from .models import build_model, join_frozen, split_frozen
+from .step import Runtime, make_optimizer, place, train_step
 
 # on_round(record, state): called after every round with its metrics and a function that builds the
 # resumable state on demand; returning True stops training after this round.
@@ -47,60 +45,6 @@ class FitResult:
     @property
     def best_val_acc(self) -> float:
         return max((h["val_acc"] for h in self.history), default=float("nan"))
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), so that oneDNN's bf16
-    convolutions beat fp32: 1.6-1.8x for simple_cnn on the 2-core development machine (BENCHMARKS.md).
-    oneDNN's own "bf16 supported" also says yes on AVX512 CPUs without these instructions, where bf16
-    is emulated and slower than fp32, so the instructions themselves are asked for."""
-    caps = getattr(torch.cpu, "get_capabilities", None)
-    if caps is None:                             # an older torch: no capability table, stay in fp32
-        return False
-    found = caps()
-    return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
-
-
-@dataclass
-class Runtime:
-    """How a config runs on this device: decided once, shared by training and evaluation."""
-    device: torch.device
-    resolution: int
-    autocast_dtype: torch.dtype | None
-    channels_last: bool
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> "Runtime":
-        device = device_of(cfg.device)
-        cuda = device.type == "cuda"
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (
-            (cuda and REGISTRY[cfg.model].bf16) or (device.type == "cpu" and cpu_has_bf16())))
-        if cuda:
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        return cls(device, resolve_resolution(cfg.model, cfg.mode, cfg.resolution),
-                   torch.bfloat16 if bf16 else None, channels_last=True)
-
-    @property
-    def precision_used(self) -> str:
-        """What `precision: auto` resolved to here ("bf16" or "fp32"), recorded with every round: a
-        cluster's workers can differ from the driver, and from each other."""
-        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-
-def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
-    opt = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return opt(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, **fused)
 
 
 def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer,
@@ -184,12 +128,7 @@ def train_steps(cfg: TrainConfig, feeds: Feeds, order: torch.Tensor, opt, sched,
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen = 0
     for step, (x, y) in enumerate(feeds.train(order)):
-        with rt.autocast():
-            out = feeds.trained(x)
-            loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, out = train_step(feeds.trained, opt, x, y, rt, cfg.label_smoothing)
         sched.step()
         loss_sum += loss.detach() * len(y)
         correct += (out.argmax(1) == y).sum()
@@ -216,9 +155,7 @@ def fit(cfg: TrainConfig, data: DeviceData, on_round: RoundCallback | None = Non
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.mode, len(data.classes), cfg.width, cfg.weights, cfg.download)
     feeds = Feeds.of(cfg, model, data, rt, gen)
-    feeds.trained.to(rt.device)
-    if rt.channels_last:
-        feeds.trained.to(memory_format=torch.channels_last)
+    place(feeds.trained, rt)
 
     n, rounds = len(data.train), cfg.evals_per_epoch
     check_rounds(n, cfg.batch_size, rounds, "training")
@@ -276,57 +213,3 @@ def fit(cfg: TrainConfig, data: DeviceData, on_round: RoundCallback | None = Non
         if len(history) < total_rounds:
             status = "stopped"          # max_rounds came first
     return FitResult(status, history, feeds.final_model())
-
-
-def eval_batch(cfg: TrainConfig) -> int:
-    return max(cfg.batch_size, 512 if resolve_resolution(cfg.model, cfg.mode, cfg.resolution) <= 64 else 128)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, rt: Runtime) -> tuple[float, float, np.ndarray]:
-    """(mean loss, accuracy, predictions) over an iterable of (x, y) batches, without smoothing."""
-    model.eval()
-    loss_sum = torch.zeros((), device=rt.device)
-    preds = []
-    n = correct = 0
-    for x, y in batches:
-        with rt.autocast():
-            out = model(x)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        p = out.argmax(1)
-        correct += int((p == y).sum())
-        n += len(y)
-        preds.append(p.cpu())
-    preds_np = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
-    return loss_sum.item() / max(1, n), correct / max(1, n), preds_np
-
-
-def evaluate_test(model: nn.Module, cfg: TrainConfig, data: DeviceData) -> dict[str, Any]:
-    """Accuracy, confusion matrix and per-class precision / recall / F1 on the test set (scikit-learn)."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-    rt = Runtime.of(cfg)
-    model.to(rt.device)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
-    loss, _, preds = evaluate(model, data.test.batches(eval_batch(cfg), rt.resolution,
-                                                       channels_last=rt.channels_last), rt)
-    y = data.test.y.cpu().numpy()
-    labels = list(range(len(data.classes)))
-    p, r, f1, support = precision_recall_fscore_support(y, preds, labels=labels, zero_division=0)
-    return {"test_acc": float(accuracy_score(y, preds)), "test_loss": loss,
-            "confusion_matrix": confusion_matrix(y, preds, labels=labels).tolist(),
-            "per_class": [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
-                           "support": int(support[i])} for i, c in enumerate(data.classes)],
-            "predictions": preds.tolist()}
-
-
-def model_from_state(cfg: TrainConfig, state: dict[str, Any], num_classes: int) -> nn.Module:
-    """Rebuild the trained model from a checkpoint `state` (frozen checkpoints hold only the head)."""
-    model = build_model(cfg.model, cfg.mode, num_classes, cfg.width, cfg.weights, cfg.download)
-    if cfg.mode == "frozen":
-        backbone, head = split_frozen(model, cfg.model)
-        head.load_state_dict(state["trained"])
-        return join_frozen(backbone, head, cfg.model)
-    model.load_state_dict(state["trained"])
-    return model

@@ -138,22 +138,20 @@ def training_step(cfg, device: Any) -> Callable[[], None]:
     autocast, channels_last, fused optimiser), on synthetic input. Frozen mode: the backbone's
     feature pass at features.py's batch (what a trial's first step runs) and the head's step."""
     import torch
-    import torch.nn.functional as F
 
-    from .fit import Runtime, make_optimizer
+    from .step import Runtime, make_optimizer, place, train_step
     from .models import architecture, split_frozen
 
     device = torch.device(device)
     rt = Runtime.of(cfg.replace(device=str(device)))
-    model = architecture(cfg.model, cfg.mode, 10, cfg.width).to(device)
+    model = architecture(cfg.model, cfg.mode, 10, cfg.width)
     backbone = None
     if cfg.mode == "frozen":
         backbone, model = split_frozen(model, cfg.model)
         backbone.eval()
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        if backbone is not None:
-            backbone = backbone.to(memory_format=torch.channels_last)
+    place(model, rt)
+    if backbone is not None:
+        place(backbone, rt)
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
     res, bs = rt.resolution, cfg.batch_size
     labels = torch.randint(0, 10, (bs,), device=device)
@@ -169,11 +167,7 @@ def training_step(cfg, device: Any) -> Callable[[], None]:
             x = torch.randn(bs, feats.shape[1], device=device)
         else:
             x = images(bs)
-        with rt.autocast():
-            loss = F.cross_entropy(model(x), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, labels, rt)
     return step
 
 

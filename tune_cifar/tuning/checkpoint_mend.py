@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import pyarrow.fs
 import torch
 
-from .trainable import MENDED_FILE, STATE_FILE
+from ..core.trial import MENDED_FILE, STATE_FILE
 
 CHECKPOINT_PREFIX = "checkpoint_"          # Tune's name for a trial's checkpoint folders
 

@@ -34,7 +34,7 @@ STYLES = {"running": "bold", "completed": "green", "error": "red", "diverged": "
 
 
 def trial_number(trial: Trial) -> int:
-    """1, 2, 3, ... as in the trial_<n>_<id> folders (trainable.trial_dirname)."""
+    """1, 2, 3, ... as in the trial_<n>_<id> folders (tuners.trial_dirname)."""
     return tag_number(trial.experiment_tag)
 
 

@@ -168,8 +168,8 @@ class TrialRuns(MLflowLoggerCallback):
             self.log_trial_end(trial, failed=trial.status == Trial.ERROR)
 
 
-def constants_of(plan_record: dict[str, Any]) -> dict[str, Any]:
+def constants_of(plan) -> dict[str, Any]:
     """The parent run's params: the base training config every trial starts from, and the kind."""
-    base = plan_record.get("base") or plan_record.get("spec", {}).get("base") or {}
-    return {"kind": plan_record.get("kind"), **{k: v for k, v in base.items() if not k.startswith("_")}}
+    base = plan.trials.base if hasattr(plan.trials, "base") else plan.trials.spec.base
+    return {"kind": plan.kind, **base.to_dict()}
 

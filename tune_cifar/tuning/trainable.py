@@ -31,16 +31,13 @@ import torch
 from ray import tune
 
 from ..core.config import TrainConfig, UserError
-from ..core import trial as core_trial
-from ..core.trial import candidate_values, fold_of, tag_number, trial_number
+from ..core.trial import MENDED_FILE, META_FILE, STATE_FILE, candidate_values, fold_of, trial_number
 from ..data.cache import device_data
 from ..data.splits import Fold
-from ..training.fit import Runtime, fit
+from ..training.fit import fit
+from ..training.step import Runtime
 
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
-STATE_FILE = "state.pt"
-META_FILE = "trial.json"        # in each checkpoint: when the trial's first attempt started
-MENDED_FILE = "mended.json"     # in a checkpoint --resume put in place of a lost one (checkpoint_mend.py)
 # Statuses a trial can end with; the searcher gets val_acc = 0.0 for diverged and oom trials.
 FAILED_VALUE = 0.0
 
@@ -75,13 +72,8 @@ def split_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     return cfg, extras
 
 
-def trial_dirname(trial) -> str:
-    """Short trial folders, `trial_<n>_<id>`, n counting from 1 in the order Tune created them."""
-    return core_trial.trial_dirname(tag_number(trial.experiment_tag), trial.trial_id)
-
-
 def trial_index() -> int:
-    """1, 2, 3, ... in the order Tune created the trials (read back from `trial_dirname`)."""
+    """1, 2, 3, ... in the order Tune created the trials (read back from tuners.trial_dirname's folder)."""
     return trial_number(tune.get_context().get_trial_dir())
 
 
