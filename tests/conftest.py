@@ -50,9 +50,10 @@ def cli(capsys):
     return call
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray per test module: starting it costs seconds and ~2.5 GiB."""
+    """One local Ray for the whole test session, shared by the in-process runs that ask for it:
+    starting it costs seconds and ~2.5 GiB. (Runs through `run_cli` start their own, as a user's.)"""
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address

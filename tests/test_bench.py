@@ -3,6 +3,8 @@
 and its verdict. What it measures is not asserted: speed is bench's business, not the tests'."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import torch
@@ -13,6 +15,7 @@ from tune_cifar.bench.sizes import SIZES, TARGETS, target_text, verdict
 PARTS = ["P1", "P4", "P4c", "P2", "P3", "P5", "P6", "P7"]
 
 
+@pytest.mark.slow
 def test_accept_quick_on_the_cpu(cifar_dir, tmp_path):
     out = tmp_path / "accept.json"
     rc, stdout, err = run_cli("bench", "--device", "cpu", "--accept", "--quick", "--data-dir", cifar_dir,
@@ -64,6 +67,7 @@ def test_verdicts_and_targets():
     assert z.p7["time_budget"] <= 600 and z.p6["max_epochs"] == 16 and z.p5_subset is None
 
 
+@pytest.mark.slow
 def test_rungs_quick_measures_every_quarter_epoch(cifar_dir, tmp_path):
     """`bench --only rungs --quick`: every configuration runs to the end (nothing stopped), one row
     per quarter epoch of the space's max epochs, the last round correlating perfectly with itself."""

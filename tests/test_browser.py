@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY
 
+pytestmark = pytest.mark.slow          # end-to-end runs: `pytest -m 'not slow'` leaves them out
+
 CHROMIUM = os.environ.get("TUNE_CIFAR_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("TUNE_CIFAR_CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 from conftest import TINY, run_cli
 
+pytestmark = pytest.mark.slow          # end-to-end runs: `pytest -m 'not slow'` leaves them out
+
 
 @pytest.fixture(scope="module")
 def cluster():

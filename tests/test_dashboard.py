@@ -2,6 +2,8 @@
 token its authentication asks for; `dashboard EXP` refuses bad input in one line (exit 2)."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import re
 import socket
@@ -24,6 +26,7 @@ def http(url: str, method: str = "GET", headers: dict | None = None):
         return e.code, e.headers
 
 
+@pytest.mark.slow
 def test_dashboard_serves_http_on_localhost(cifar_dir, tmp_path):
     port = 8265 + os.getpid() % 500
     proc = subprocess.Popen([sys.executable, "-m", "tune_cifar", "search", TINY, "--dashboard", "--dashboard-port",

@@ -286,6 +286,7 @@ def test_streamed_split_gives_the_same_batches(cifar):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.slow
 def test_dataset_flag_trains_cifar100_through_the_cli(tmp_path, cli, monkeypatch):
     import json
 

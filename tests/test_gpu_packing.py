@@ -43,6 +43,7 @@ def gpu_cluster():
     c.shutdown()
 
 
+@pytest.mark.slow
 def test_two_trials_per_declared_gpu(gpu_cluster, cifar_dir, tmp_path):
     # With a searcher, Tune keeps one trial pending at a time (tune_controller._get_max_pending_trials),
     # so the 4 workers start one after another (each `import torch` + data, ~5 s on a loaded 2-core

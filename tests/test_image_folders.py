@@ -213,6 +213,7 @@ def check_three_classes(summary: dict, n_test: int = 90) -> None:
     assert cm.shape == (3, 3) and cm.sum() == n_test
 
 
+@pytest.mark.slow
 def test_train_search_kfold_export_on_a_three_class_folder(folder, tmp_path, cli, ray_session):
     results = tmp_path / "results"
     data = ("--data-dir", folder, "--results-dir", results, "--offline")

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from conftest import TINY, run_cli
 
+pytestmark = pytest.mark.slow          # end-to-end runs: `pytest -m 'not slow'` leaves them out
+
 SEARCHED = {"lr", "optimizer", "batch_size"}
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s")
 

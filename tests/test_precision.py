@@ -77,6 +77,7 @@ def epoch_lines(out: str) -> list[str]:
     return re.findall(r"^epoch \S+: .*$", out, flags=re.M)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,mode,resolution", CASES, ids=[f"{n}_{m}" for n, m, _ in CASES])
 def test_bf16_training_on_cpu(name, mode, resolution, small_cifar, weights, tmp_path):
     args = ["train", f"{name}_{mode}", "--data-dir", small_cifar, *SMALL, "--resolution", resolution,
@@ -127,6 +128,7 @@ def test_bf16_training_on_cpu(name, mode, resolution, small_cifar, weights, tmp_
     assert (logits.float() - reference).abs().max().item() <= 0.1 * scale
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_keeps_bf16_and_finishes(small_cifar, tmp_path):
     """Ctrl-C after the first epoch, then `train --resume` (without --set): the run continues from its
     checkpoint under the saved config (bf16) and finishes the epochs it had left."""

@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY
 
+pytestmark = pytest.mark.slow          # end-to-end runs: `pytest -m 'not slow'` leaves them out
+
 OK = {"completed", "stopped", "early_stopped"}
 
 

@@ -22,6 +22,8 @@ from tune_cifar.tuning.searchers import (
     verdict,
 )
 
+pytestmark = pytest.mark.slow          # end-to-end runs: `pytest -m 'not slow'` leaves them out
+
 MAX_T = 4
 SPACE = {"x": FloatDistribution(0.0, 1.0), "depth": IntDistribution(1, 3)}
 # the first trial passes every rung (nothing to compare yet); the fourth, far weaker, is stopped at round 1

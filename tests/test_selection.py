@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import TINY
 
+pytestmark = pytest.mark.slow          # end-to-end runs: `pytest -m 'not slow'` leaves them out
+
 
 @pytest.fixture()
 def test_evaluations(monkeypatch):

@@ -15,6 +15,7 @@ from tune_cifar.training.fit import fit
 from tune_cifar.training.step import Runtime
 
 
+@pytest.mark.slow
 def test_train_command_learns(cifar_dir, tmp_path):
     rc, out, err = run_cli("train", "simple_cnn_scratch", "--data-dir", cifar_dir, "--subset", 5000, "--epochs", 3,
                            "--evals-per-epoch", 1, "--results-dir", tmp_path, "--name", "t")
@@ -66,6 +67,7 @@ def test_non_finite_loss_stops_the_run_as_diverged(cifar_dir):
     assert result.history[-1]["val_acc"] == 0.0
 
 
+@pytest.mark.slow
 def test_frozen_mode_trains_the_head_on_cached_features(cifar_dir, tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "resnet18.pth"

@@ -38,11 +38,17 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=int, help="stratified subset of the training images")
     p.add_argument("--weights", help="state-dict file of the pretrained backbone (frozen/full; default: "
                    "torchvision's ImageNet weights, downloaded when missing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the searcher, the draws, weights and augmentation "
+                   "(same seed = same configurations; default 0)")
+
+
+def add_results_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results-dir", type=Path, default=Path("results"),
+                   help="where experiment folders are (default: results/ of the working directory)")
 
 
 def add_experiment_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results-dir", type=Path, default=Path("results"))
+    add_results_dir(p)
     p.add_argument("--name", help="experiment folder name (default: the search space's name)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment as it was planned")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment folder")
@@ -61,14 +67,15 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-trial", type=gpus_per_trial, metavar="F|auto",
                    help="GPU fraction per trial (0.25: four trials share a GPU); auto: as many trials per GPU as "
                    "fit, from one measured training step (0 without a GPU)")
-    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the space's resources.cpu, "
+                   "fitted to this machine)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="whole command's wall-clock budget")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashing trial from its checkpoint")
     p.add_argument("--address", help="join an existing Ray cluster: auto or HOST:PORT (also $RAY_ADDRESS)")
     p.add_argument("--storage", help="experiment storage every node can write (shared path or s3://...)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265)")
     p.add_argument("--dashboard-host", default="127.0.0.1", help="bind address of the dashboard")
-    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--dashboard-port", type=int, default=8265, help="port of the dashboard (default 8265)")
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.md at the end")
     p.add_argument("--verbose", action="store_true",
                    help="Ray's own progress output and worker logs instead of the compact trial table")
@@ -94,15 +101,17 @@ def build_parser() -> Parser:
     t = sub.add_parser("train", help="train one configuration (no Ray)")
     t.add_argument("space", metavar="NAME", help="search space (simple_cnn_scratch, vgg16_full, or a .yaml)")
     for key, kind in TRAIN_FLAGS:
-        t.add_argument(f"--{key.replace('_', '-')}", type=kind)
-    t.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE")
+        t.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"the TrainConfig field {key} "
+                       "(default: the space's default point and fixed settings)")
+    t.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="any other TrainConfig field (repeatable)")
     add_data_flags(t)
     add_experiment_flags(t)
 
     s = sub.add_parser("search", help="Ray Tune + Optuna TPE + ASHA search over a search space")
-    s.add_argument("space", metavar="NAME")
+    s.add_argument("space", metavar="NAME", help="search space (simple_cnn, vgg16_full, ..., or a .yaml)")
     s.add_argument("--num-samples", type=int, help="number of trials")
-    s.add_argument("--max-epochs", type=int)
+    s.add_argument("--max-epochs", type=int, help="epochs of a trial that runs its whole budget")
     s.add_argument("--grace-period", type=float, help="epochs before ASHA may stop a trial")
     s.add_argument("--searcher", choices=("tpe", "random"),
                    help="tpe: Optuna TPE (default); random: Ray Tune's random search (space file: budget.searcher)")
@@ -118,8 +127,8 @@ def build_parser() -> Parser:
     add_ray_flags(s)
 
     k = sub.add_parser("kfold", help="stratified K-fold cross-validation of configurations")
-    k.add_argument("space", metavar="NAME")
-    k.add_argument("--k", type=int, default=5)
+    k.add_argument("space", metavar="NAME", help="search space (simple_cnn, vgg16_full, ..., or a .yaml)")
+    k.add_argument("--k", type=int, default=5, help="folds (default 5)")
     k.add_argument("--repeats", type=int, default=1, help="repeat the K-fold split R times (seeded): J = K x R splits")
     k.add_argument("--epochs", type=int, help="epochs per fold (default: the space's max_epochs)")
     k.add_argument("--num-samples", type=int,
@@ -133,12 +142,12 @@ def build_parser() -> Parser:
     add_ray_flags(k)
 
     r = sub.add_parser("report", help="plots and report.md of an experiment")
-    r.add_argument("experiment", metavar="EXP")
-    r.add_argument("--results-dir", type=Path, default=Path("results"))
+    r.add_argument("experiment", metavar="EXP", help="experiment folder name in --results-dir, or a path")
+    add_results_dir(r)
 
     c = sub.add_parser("compare", help="scratch vs frozen vs full of one model: from its searches, or "
                        "cross-validated on the same folds with --k")
-    c.add_argument("model")
+    c.add_argument("model", help="simple_cnn, alexnet, vgg16 or resnet18")
     c.add_argument("--run-missing", action="store_true", help="run missing modes with --quick budgets")
     c.add_argument("--k", type=int, help="cross-validate the modes (each its search's best configuration, "
                    "else its space's default point) on the same K folds, with paired tests")
@@ -151,26 +160,26 @@ def build_parser() -> Parser:
     add_ray_flags(c)
 
     e = sub.add_parser("export", help="export an experiment's best model")
-    e.add_argument("experiment", metavar="EXP")
-    e.add_argument("--format", choices=("pt", "torchscript", "onnx"), default="pt")
-    e.add_argument("--results-dir", type=Path, default=Path("results"))
-    e.add_argument("--out", type=Path)
+    e.add_argument("experiment", metavar="EXP", help="experiment folder name in --results-dir, or a path")
+    e.add_argument("--format", choices=("pt", "torchscript", "onnx"), default="pt", help="file format (default pt)")
+    add_results_dir(e)
+    e.add_argument("--out", type=Path, help="output file (default: next to best_model.pt)")
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on an experiment's Optuna study (127.0.0.1, until Ctrl-C)")
-    d.add_argument("experiment", metavar="EXP")
+    d.add_argument("experiment", metavar="EXP", help="experiment folder name in --results-dir, or a path")
     d.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080; 0: any free one)")
-    d.add_argument("--results-dir", type=Path, default=Path("results"))
+    add_results_dir(d)
 
     b = sub.add_parser("bench", help="throughput and search-overhead benchmark")
-    b.add_argument("--device", choices=("cpu", "cuda"))
-    b.add_argument("--quick", action="store_true")
-    b.add_argument("--out", type=Path, default=Path("bench.json"))
+    b.add_argument("--device", choices=("cpu", "cuda"), help="where to measure (default: cuda when present)")
+    b.add_argument("--quick", action="store_true", help="every part scaled down to run in minutes")
+    b.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON of every number (and OUT.md)")
     b.add_argument("--only", help="comma-separated parts: p1,p4,p4c,p2,p3,p5,p6,p7,pretrained (the acceptance "
                    "parts, run as --accept runs them) and the studies cpu_budget,search_quality,rungs")
     b.add_argument("--accept", action="store_true",
                    help="the acceptance set (P1-P7 and the accuracy runs) at fixed sizes per device, each part timed, "
                    "with its target and pass/fail; writes OUT.json and OUT.md")
-    b.add_argument("--data-dir")
+    b.add_argument("--data-dir", help="the real data for the searches (default: as for search)")
     return parser
 
 

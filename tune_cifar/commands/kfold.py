@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import TrainConfig, UserError, value_from_csv
-from ..tuning.plan import FoldTrials, Plan, RunOptions, check_time_budget, prepare_base, reopen
+from ..tuning.plan import FoldTrials, Plan, RunOptions, check_flags, check_time_budget, prepare_base, reopen
 from ..results.folders import experiment_dir, find_experiment, ranked_trials, read_json, read_yaml, write_csv
 from ..core.spaces import SearchSpec, check_value, find_space, load_space
 from ..core.trial import CANDIDATE, SPLIT, Status
@@ -80,12 +80,7 @@ def plan_kfold(name: str, opts: KFoldOptions) -> Plan:
     sources = sum([bool(opts.fixed), opts.num_samples is not None, opts.from_search is not None])
     if sources > 1:
         raise UserError("choose one of --set, --num-samples and --from-search")
-    if opts.num_samples is not None and opts.num_samples < 1:
-        raise UserError(f"--num-samples={opts.num_samples} must be at least 1")
-    if opts.top < 1:
-        raise UserError(f"--top={opts.top} must be at least 1")
-    if opts.epochs is not None and opts.epochs < 1:
-        raise UserError(f"--epochs={opts.epochs} must be at least 1")
+    check_flags(opts, ("num_samples", "top", "epochs"))
     check_time_budget(opts.time_budget)
     base, resources, data_dir = prepare_base(spec, opts, "kfold", epochs=opts.epochs or spec.budget.max_epochs,
                                              subset=opts.subset, seed=opts.seed, patience=0)

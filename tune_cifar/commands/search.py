@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import UserError
-from ..tuning.plan import Plan, RunOptions, SearchTrials, check_time_budget, prepare_base, reopen
+from ..tuning.plan import Plan, RunOptions, SearchTrials, check_flags, check_time_budget, prepare_base, reopen
 from ..results.folders import experiment_dir, ranked_trials, write_csv, write_json
 from ..results.tested import test_once
 from ..core.spaces import SearchSpec, check_budget, check_rungs, find_space, load_space
@@ -73,8 +73,7 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
                                "subset": opts.subset if opts.subset is not None else quick.get("subset")}
     if "resolution" in quick and spec.base.mode != "scratch":
         changes["resolution"] = quick["resolution"]
-    if opts.cv_top is not None and opts.cv_top < 1:
-        raise UserError(f"--cv-top={opts.cv_top} must be at least 1")
+    check_flags(opts, ("cv_top",))
     base, resources, data_dir = prepare_base(spec, opts, "search", **changes)
     check_batches(spec, base)
     if opts.cv_top is not None:

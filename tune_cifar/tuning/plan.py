@@ -131,6 +131,28 @@ class Plan:
                 "candidates": t.candidates}
 
 
+# The rules of the command-line numbers the commands check, in one form (as TrainConfig's RULES):
+# (accepts the value?, what to say). A flag left out (None) is not checked.
+FLAG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "subset": ((lambda v: v >= 1), "must be positive"),
+    "max_failures": ((lambda v: v >= 0), "must be >= 0 (Ray would retry forever)"),
+    "num_samples": ((lambda v: v >= 1), "must be at least 1"),
+    "top": ((lambda v: v >= 1), "must be at least 1"),
+    "epochs": ((lambda v: v >= 1), "must be at least 1"),
+    "cv_top": ((lambda v: v >= 1), "must be at least 1"),
+    "repeats": ((lambda v: v >= 1), "must be at least 1"),
+}
+
+
+def check_flags(opts: Any, keys: tuple[str, ...]) -> None:
+    """Each of `keys` of `opts` against its FLAG_RULES entry: a one-line UserError naming the flag."""
+    for key in keys:
+        value = getattr(opts, key)
+        ok, why = FLAG_RULES[key]
+        if value is not None and not ok(value):
+            raise UserError(f"--{key.replace('_', '-')}={value} {why}")
+
+
 def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[TrainConfig, dict[str, Any], str]:
     """Check the flags search and kfold share, find the data, and pin the config every trial starts
     from: (config, per-trial resources, absolute data folder). Nothing is written or started.
@@ -142,10 +164,7 @@ def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[Tr
     from ..data.sources import downloads_allowed, resolve_data_dir
     from ..training.models import check_weights
 
-    if opts.subset is not None and opts.subset < 1:
-        raise UserError(f"--subset={opts.subset} must be positive")
-    if opts.max_failures < 0:
-        raise UserError(f"--max-failures={opts.max_failures} must be >= 0 (Ray would retry forever)")
+    check_flags(opts, ("subset", "max_failures"))
     auto = opts.gpus_per_trial == "auto"
     resources: dict[str, Any] = trial_resources(None if auto else opts.gpus_per_trial, opts.cpus_per_trial,
                                                 spec.resources, opts.ray)

@@ -56,6 +56,7 @@ def test_an_int_for_a_float_field_becomes_a_float(cifar_dir, tmp_path):
     assert not plan.exp.exists()                              # planning writes nothing
 
 
+@pytest.mark.slow
 def test_resume_takes_the_saved_plan_not_the_flags_or_an_edited_file(cifar_dir, tmp_path):
     from tune_cifar.commands.search import SearchOptions, plan_search
     space = tmp_path / "mine.yaml"
@@ -97,6 +98,7 @@ def test_early_stopping_survives_a_resume(cifar_dir):
     assert rounds_since_best([{"val_loss": v} for v in (2.0, 1.0, 1.5, 1.2, 0.5, 0.6)]) == 1
 
 
+@pytest.mark.slow
 def test_in_process_runs_record_their_own_command(cli, cifar_dir, tmp_path):
     args = ["train", TINY, "--data-dir", str(cifar_dir), "--subset", "500", "--epochs", "1", "--results-dir",
             str(tmp_path), "--name", "t"]
@@ -178,6 +180,7 @@ def test_space_resources_are_fitted_to_the_machine(cifar_dir, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- installable like a library
 
+@pytest.mark.slow
 def test_the_wheel_works_from_another_folder(cifar_dir, tmp_path):
     dist, site, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
