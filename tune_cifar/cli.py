@@ -86,6 +86,17 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
                    "results/EXP/mlruns; needs the mlflow extra)")
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that runs an experiment through Ray: data, experiment folder, Ray."""
+    add_data_flags(p)
+    add_experiment_flags(p)
+    add_ray_flags(p)
+
+
+def add_set(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE", help=help)
+
+
 # The TrainConfig fields `train` takes as flags (--batch-size for batch_size, ...); more with --set.
 TRAIN_FLAGS = (("lr", float), ("optimizer", str), ("batch_size", int), ("epochs", int), ("weight_decay", float),
                ("momentum", float), ("width", int), ("resolution", int), ("label_smoothing", float),
@@ -103,8 +114,7 @@ def build_parser() -> Parser:
     for key, kind in TRAIN_FLAGS:
         t.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"the TrainConfig field {key} "
                        "(default: the space's default point and fixed settings)")
-    t.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
-                   help="any other TrainConfig field (repeatable)")
+    add_set(t, "any other TrainConfig field (repeatable)")
     add_data_flags(t)
     add_experiment_flags(t)
 
@@ -122,9 +132,7 @@ def build_parser() -> Parser:
                    "the winner on all search images and test it once (see --k, --repeats)")
     s.add_argument("--k", type=int, default=5, help="with --cv-top: folds")
     s.add_argument("--repeats", type=int, default=1, help="with --cv-top: repeats of the K-fold split")
-    add_data_flags(s)
-    add_experiment_flags(s)
-    add_ray_flags(s)
+    add_run_flags(s)
 
     k = sub.add_parser("kfold", help="stratified K-fold cross-validation of configurations")
     k.add_argument("space", metavar="NAME", help="search space (simple_cnn, vgg16_full, ..., or a .yaml)")
@@ -135,11 +143,8 @@ def build_parser() -> Parser:
                    help="N configurations: the default point, then seeded Sobol points spread over the space")
     k.add_argument("--from-search", metavar="EXP", help="cross-validate the best of a finished search")
     k.add_argument("--top", type=int, default=3, help="with --from-search: how many of its best trials")
-    k.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
-                   help="one explicit configuration (repeat for several keys)")
-    add_data_flags(k)
-    add_experiment_flags(k)
-    add_ray_flags(k)
+    add_set(k, "one explicit configuration (repeat for several keys)")
+    add_run_flags(k)
 
     r = sub.add_parser("report", help="plots and report.md of an experiment")
     r.add_argument("experiment", metavar="EXP", help="experiment folder name in --results-dir, or a path")
@@ -153,11 +158,8 @@ def build_parser() -> Parser:
                    "else its space's default point) on the same K folds, with paired tests")
     c.add_argument("--repeats", type=int, default=1, help="with --k: repeats of the K-fold split")
     c.add_argument("--epochs", type=int, help="with --k: epochs per fold (default: each space's max_epochs)")
-    c.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
-                   help="with --k: a setting for every mode (e.g. resolution=64 on a CPU)")
-    add_data_flags(c)
-    add_experiment_flags(c)
-    add_ray_flags(c)
+    add_set(c, "with --k: a setting for every mode (e.g. resolution=64 on a CPU)")
+    add_run_flags(c)
 
     e = sub.add_parser("export", help="export an experiment's best model")
     e.add_argument("experiment", metavar="EXP", help="experiment folder name in --results-dir, or a path")
