@@ -19,7 +19,7 @@ from tune_cifar.tuning.searchers import (
     make_search_alg,
     search_callbacks,
     tune_space,
-    verdict,
+    told,
 )
 
 pytestmark = pytest.mark.slow          # end-to-end runs: `pytest -m 'not slow'` leaves them out
@@ -172,14 +172,14 @@ def test_random_search_is_seeded_and_recorded(ray_session, tmp_path):
 
 def test_verdicts():
     m = "val_acc"
-    assert verdict({m: 0.5, "training_iteration": 4, "status": "running"}, m, 4) == (TrialState.COMPLETE, 0.5)
-    assert verdict({m: 0.5, "training_iteration": 2, "status": "running"}, m, 4) == (TrialState.PRUNED, None)
-    assert verdict({m: 0.4, "training_iteration": 2, "status": "early_stopped"}, m, 4) == (TrialState.COMPLETE, 0.4)
-    assert verdict({m: 0.0, "training_iteration": 1, "status": "diverged"}, m, 4) == (TrialState.COMPLETE, 0.0)
-    assert verdict({m: 0.0, "training_iteration": 3, "status": "oom"}, m, 4) == (TrialState.COMPLETE, 0.0)
-    assert verdict({m: math.nan, "training_iteration": 4}, m, 4) == (TrialState.FAIL, None)
-    assert verdict(None, m, 4) == (TrialState.PRUNED, None)
-    assert verdict(None, m, 4, error=True) == (TrialState.FAIL, None)
+    assert told({m: 0.5, "training_iteration": 4, "status": "running"}, m, 4) == (TrialState.COMPLETE, 0.5)
+    assert told({m: 0.5, "training_iteration": 2, "status": "running"}, m, 4) == (TrialState.PRUNED, None)
+    assert told({m: 0.4, "training_iteration": 2, "status": "early_stopped"}, m, 4) == (TrialState.COMPLETE, 0.4)
+    assert told({m: 0.0, "training_iteration": 1, "status": "diverged"}, m, 4) == (TrialState.COMPLETE, 0.0)
+    assert told({m: 0.0, "training_iteration": 3, "status": "oom"}, m, 4) == (TrialState.COMPLETE, 0.0)
+    assert told({m: math.nan, "training_iteration": 4}, m, 4) == (TrialState.FAIL, None)
+    assert told(None, m, 4) == (TrialState.PRUNED, None)
+    assert told(None, m, 4, error=True) == (TrialState.FAIL, None)
 
 
 def result(acc, it, status="running"):

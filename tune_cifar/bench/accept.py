@@ -33,7 +33,7 @@ def run_parts(b: Bench, chosen: set[str], before_searches: Callable[[], None]) -
 
     big = f"224 px rows at {z.p1_max_res}-64 px" if z.p1_max_res else "each model's own resolution"
     if "p1" in chosen:
-        part("P1", lambda: parts.p1(b), f"{len(parts.MODES)} rows, {big}, {z.p1_steps} timed steps")
+        part("P1", lambda: parts.p1(b), f"{len(parts.MODEL_MODES)} rows, {big}, {z.p1_steps} timed steps")
     sizes4 = f"{z.p4_res} px, batch {z.p4_batch}, {z.p4_steps} timed steps"
     eager = part("P4", lambda: parts.p4(b), sizes4) if "p4" in chosen else None
     if "p4c" in chosen:

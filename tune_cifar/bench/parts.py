@@ -29,7 +29,7 @@ import torch
 from ..core.config import TrainConfig, UserError, min_resolution, resolve_resolution, value_from_csv
 from .sizes import Sizes
 
-MODES = [("simple_cnn", "scratch"), ("alexnet", "scratch"), ("alexnet", "frozen"), ("alexnet", "full"),
+MODEL_MODES = [("simple_cnn", "scratch"), ("alexnet", "scratch"), ("alexnet", "frozen"), ("alexnet", "full"),
          ("vgg16", "scratch"), ("vgg16", "frozen"), ("vgg16", "full"),
          ("resnet18", "scratch"), ("resnet18", "frozen"), ("resnet18", "full")]
 
@@ -173,7 +173,7 @@ def space_at(space: str, resolution: int | None, work: Path, **fixed: Any) -> st
 
 def p1(b: Bench) -> tuple[float, dict[str, Any]]:
     z, rows = b.z, []
-    for model, mode in MODES:
+    for model, mode in MODEL_MODES:
         res = resolve_resolution(model, mode, None)
         if z.p1_max_res is not None and res > z.p1_max_res:
             res = max(z.p1_max_res, min_resolution(model))

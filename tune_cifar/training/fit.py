@@ -1,7 +1,7 @@
 """One configuration -> epochs -> metrics and checkpoints. Imports nothing from Ray.
 
 `fit(cfg, data, on_round)` is a flat loop in the style of airbench: batches come from the
-device-resident uint8 store (data.py), the optimiser and schedule step per batch, and after every
+device-resident uint8 store (data/store.py), the optimiser and schedule step per batch, and after every
 round (a part of an epoch) `on_round(record, state)` is called — the Ray trainable reports through
 it, the plain `train` command prints through it. `state()` builds the resumable state only when
 asked, so a caller that does not save pays nothing.

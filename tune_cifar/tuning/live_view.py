@@ -33,8 +33,8 @@ STYLES = {"running": "bold", "completed": "green", "error": "red", "diverged": "
           "pending": "dim", "stopped by ASHA": "dim", "stopped (time budget)": "dim", "not run": "dim"}
 
 
-def trial_number(trial: Trial) -> int:
-    """1, 2, 3, ... as in the trial_<n>_<id> folders (tuners.trial_dirname)."""
+def number_of(trial: Trial) -> int:
+    """A Tune Trial's n, as in its trial_<n>_<id> folder (tuners.trial_dirname; core.trial.trial_number)."""
     return tag_number(trial.experiment_tag)
 
 
@@ -158,7 +158,7 @@ class LiveView(Callback):
         if not scored:
             return ""
         v, t = max(scored, key=lambda vt: vt[0])
-        return f"best val_acc {v:.4f} (trial {trial_number(t)})"
+        return f"best val_acc {v:.4f} (trial {number_of(t)})"
 
     def header(self, trials: list[Trial]) -> str:
         statuses = [self.status(t) for t in trials]
@@ -175,7 +175,7 @@ class LiveView(Callback):
     def cells(self, t: Trial) -> list[str]:
         last, acc = last_result(t), t.metric_analysis.get("val_acc", {})
         who = ([str(t.config[CANDIDATE]), str(t.config[SPLIT])] if self.kind == "kfold"
-               else [str(trial_number(t))])
+               else [str(number_of(t))])
         epochs = t.config.get("epochs")
         return [*who, self.status(t), *(fmt(v) for v in hyper_parameters(t, self.params).values()),
                 f"{fmt(last['epoch'])}/{epochs}" if last.get("epoch") is not None else "-",
@@ -223,11 +223,11 @@ class LiveView(Callback):
         """The rows that fit the terminal: the running trials, then the best finished, then pending."""
         room = max(5, (self.console.height if self.console else 24) - 7)
         if len(trials) <= room:
-            return sorted(trials, key=trial_number)
+            return sorted(trials, key=number_of)
         rank = {"running": 0, "pending": 2, "paused": 2}
         keyed = sorted(trials, key=lambda t: (rank.get(self.status(t), 1),
-                                              -(last_result(t).get("val_acc") or 0.0), trial_number(t)))
-        return sorted(keyed[:room], key=trial_number)
+                                              -(last_result(t).get("val_acc") or 0.0), number_of(t)))
+        return sorted(keyed[:room], key=number_of)
 
     def _draw(self, trials: list[Trial]) -> None:
         from rich.live import Live
@@ -258,7 +258,7 @@ def quiet_ray(verbose: bool):
     """Ray's own output, off for the time of a run unless --verbose (levels and variables restored after).
 
     * Tune's output engine: RAY_AIR_NEW_OUTPUT=0 selects the old engine and RunConfig(verbose=0)
-      silences it (experiment.py). verbose=0 alone is not enough in Ray 2.60: the new engine's
+      silences it (runner.py). verbose=0 alone is not enough in Ray 2.60: the new engine's
       TuneTerminalReporter prints its "Configuration for experiment" box and every trial error
       whatever the verbosity (tune/experimental/output.py, experiment_started / on_trial_error).
     * Driver-side warnings (Ray's token-auth notice at start-up, Tune's "Experiment state snapshotting
@@ -267,7 +267,7 @@ def quiet_ray(verbose: bool):
     * Worker output (per round "Checkpoint successfully created at ..." of ray.train's logger, and
       the "(autoscaler) Tip: use `ray status`" lines) reaches the driver only through
       ray.init(log_to_driver=True); it always goes to /tmp/ray/session_latest/logs/worker-*.out|err.
-      ray_session.start_ray decides that flag; experiment.py quiets the trainable's logger instead.
+      ray_session.start_ray decides that flag; runner.py quiets the trainable's logger instead.
     """
     if verbose:
         yield

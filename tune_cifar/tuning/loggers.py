@@ -30,7 +30,7 @@ from ray.tune.logger import TBXLoggerCallback
 
 from ..core.config import UserError
 from ..core.trial import fold_of
-from .live_view import hyper_parameters, trial_number, trial_status
+from .live_view import hyper_parameters, number_of, trial_status
 
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch")
 STEP_KEYS = ("training_iteration", "timesteps_total")      # what Ray's loggers take the step from
@@ -148,7 +148,7 @@ class TrialRuns(MLflowLoggerCallback):
         super().log_trial_start(trial)
         if new:
             run_id = self._trial_runs[trial]
-            self.mlflow_util._get_client().set_tag(run_id, "mlflow.runName", f"trial_{trial_number(trial)}")
+            self.mlflow_util._get_client().set_tag(run_id, "mlflow.runName", f"trial_{number_of(trial)}")
             self.mlflow_util.log_params(run_id=run_id, params_to_log=trial_params(trial, self.params))
 
     def log_trial_result(self, iteration: int, trial: Trial, result: dict):

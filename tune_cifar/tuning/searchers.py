@@ -61,13 +61,15 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import flatten_dict, unflatten_dict
 
+from ..core.trial import OWN_ENDINGS
+
 logger = logging.getLogger(__name__)
 
 FEEDBACKS = ("pruned", "complete")
 KINDS = ("tpe", "random")
 STEP = "training_iteration"                       # Optuna's step, and what max_t counts
 STATUS = "status"                                 # the trainable's own status metric
-COMPLETE_STATUSES = frozenset({"early_stopped", "diverged", "oom"})   # ended by their own rule: COMPLETE
+COMPLETE_STATUSES = frozenset(s.value for s in OWN_ENDINGS)    # ended by their own rule: COMPLETE
 TRIAL_ID_ATTR = "ray_trial_id"                    # user attribute of recorded random trials
 
 
@@ -78,8 +80,8 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def verdict(result: dict[str, Any] | None, metric: str, max_t: int,
-            error: bool = False) -> tuple[TrialState, float | None]:
+def told(result: dict[str, Any] | None, metric: str, max_t: int,
+         error: bool = False) -> tuple[TrialState, float | None]:
     """What to tell Optuna about a trial that ended with (flattened) last result `result`:
     (state, value); value None for PRUNED (Optuna takes the last intermediate value) and FAIL."""
     if error:
@@ -151,7 +153,7 @@ class TruthfulOptunaSearch(OptunaSearch):
             return
         if result and not error:
             self._report(trial_id, result)        # the last round never reached on_trial_result
-        state, value = verdict(result, self.metric, self._max_t, error)
+        state, value = told(result, self.metric, self._max_t, error)
         try:
             self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
         except Exception as exc:
