@@ -153,6 +153,23 @@ def resumed_plan(name: str | None, opts: KFoldOptions, default_name: str) -> Pla
                      saved["candidates"], exp, saved["resources"], saved.get("inject") or {})
 
 
+def cross_validate(spec: SearchSpec, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
+                   opts: KFoldOptions, resources: dict[str, Any], inject: dict[str, Any] | None = None):
+    """Cross-validate `candidates` (hyper-parameters over `base`) on opts.k x opts.repeats splits in
+    the experiment folder `exp`, continued where it stopped (Tune's saved state; a folder killed
+    before Tune saved anything starts again), and return its kfold.csv table. The test set is never
+    touched. What `search --cv-top` calls for its shortlist."""
+    import pandas as pd
+
+    from ..tuning.runner import run
+    from ..tuning.tuners import can_restore
+    if not (exp / "kfold_summary.json").exists():
+        restorable = (exp / "plan.json").exists() and can_restore(exp, opts.ray)
+        opts = dataclasses.replace(opts, resume=restorable, overwrite=exp.exists() and not restorable)
+        run(make_plan(spec, opts, base, candidates, exp, resources, inject or {}))
+    return pd.read_csv(exp / "kfold.csv").fillna({"reason": ""})
+
+
 def make_plan(spec: SearchSpec, opts: KFoldOptions, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
               resources: dict[str, float], inject: dict[str, Any]) -> Plan:
     return Plan(exp=exp, opts=opts, trials=FoldTrials(spec, base, candidates, opts.k, opts.repeats),

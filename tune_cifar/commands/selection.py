@@ -20,9 +20,8 @@ from typing import Any, Callable
 import pandas as pd
 
 from ..core.config import TrainConfig, UserError, value_from_csv
-from ..tuning.plan import Phases, Plan
+from ..tuning.plan import Phases, Plan, RunOptions
 from ..tuning.runner import print_phases, run
-from ..tuning.tuners import can_restore
 from ..results.folders import ranked_trials, read_json, write_json, write_torch
 from ..results.tested import test_once
 from .search import SEARCH_STAGE_FILE
@@ -49,7 +48,7 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
     shortlist = shortlisted(exp, opts.cv_top)
     candidates = [{k: value_from_csv(k, v) for k, v in row.items()}
                   for row in shortlist[list(spec.space)].to_dict("records")]
-    table = cross_validate(plan, spec, candidates)
+    table = cross_validate_shortlist(plan, spec, candidates)
     phases.done("cv")
 
     if not table["mean_acc"].notna().any():
@@ -105,20 +104,15 @@ def shortlisted(exp: Path, top: int) -> pd.DataFrame:
     return shortlist
 
 
-def cross_validate(plan: Plan, spec: SearchSpec, candidates: list[dict[str, Any]]) -> pd.DataFrame:
-    """Stage 2: kfold over the shortlist in cv/ (resumed where it stopped); returns kfold.csv."""
-    from .kfold import KFoldOptions, make_plan
-    opts, cv = plan.opts, plan.exp / CV_DIR
-    if not (cv / "kfold_summary.json").exists():
-        cv_opts = KFoldOptions(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(KFoldOptions)
-                                  if hasattr(opts, f.name) and f.name not in ("time_budget", "started")},
-                               started=time.time())
-        # continue the folds Tune had saved; a cv/ killed before Tune saved anything starts again
-        restorable = (cv / "plan.json").exists() and can_restore(cv, opts.ray)
-        cv_opts = dataclasses.replace(cv_opts, resume=restorable, overwrite=cv.exists() and not restorable)
-        base = spec.base.replace(patience=0)
-        run(make_plan(spec, cv_opts, base, candidates, cv, plan.resources, plan.inject))
-    return pd.read_csv(cv / "kfold.csv").fillna({"reason": ""})
+def cross_validate_shortlist(plan: Plan, spec: SearchSpec, candidates: list[dict[str, Any]]) -> pd.DataFrame:
+    """Stage 2: kfold's cross_validate over the shortlist in cv/, with the search's run options (its
+    --time-budget bounds the search stage only); returns kfold.csv."""
+    from .kfold import KFoldOptions, cross_validate
+    shared = {f.name: getattr(plan.opts, f.name) for f in dataclasses.fields(RunOptions)}
+    cv_opts = KFoldOptions(**{**shared, "time_budget": None, "started": time.time()},
+                           k=plan.opts.k, repeats=plan.opts.repeats)
+    return cross_validate(spec, spec.base.replace(patience=0), candidates, plan.exp / CV_DIR, cv_opts,
+                          plan.resources, plan.inject)
 
 
 def retrain(cfg: TrainConfig, exp: Path):
