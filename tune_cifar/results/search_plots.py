@@ -28,6 +28,7 @@ from typing import Any
 
 import matplotlib
 import optuna
+from matplotlib.collections import LineCollection
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
@@ -143,7 +144,8 @@ def history_picture(study: optuna.Study, reached: list[Reached], metric: str,
                  fontsize=10)
     caption = (f"Every trial that reported a round, at its {metric} in the last round it reached: a trial "
                f"ASHA stopped is drawn at the rung that stopped it ({_counts(reached, epochs_at)}). "
-               "One colour per round reached; its line is the best value so far among those trials.")
+               "One colour per round reached; its line is the best value so far among those trials. "
+               "Trial: Optuna's trial number, from 0.")
     return Picture(title, ax, caption)
 
 
@@ -165,13 +167,27 @@ def parallel_picture(study: optuna.Study, reached: list[Reached], metric: str,
                                   for r in reached])
     ax = ovm.plot_parallel_coordinate(copy, params=varied + ([RUNG_PARAM] if with_rung else []),
                                       target_name=metric)
+    _no_white_lines(ax)
     ax.set_title(f"Parallel coordinates: {len(reached)} trials at their last round"
                  + (f" (axis '{RUNG_PARAM}')" if with_rung else ""), y=1.03, fontsize=10)
     caption = (f"All {len(reached)} trials that reported a round, at their {metric} in the last round "
                f"reached ({_counts(reached, epochs_at)})"
                + (f"; the axis '{RUNG_PARAM}' is that round, so a line stopped early shows where" if with_rung else "")
-               + "." + (f" Not varied, not drawn: {', '.join(fixed)}." if fixed else ""))
+               + f". Colour: {metric} (its scale starts beyond the worst value, so that line is not white)."
+               + (f" Not varied, not drawn: {', '.join(fixed)}." if fixed else ""))
     return Picture(title, ax, caption)
+
+
+def _no_white_lines(ax) -> None:
+    """Optuna colours the lines with Blues, whose end is white: the worst trial's line would be
+    invisible on the white background. The colour scale (and its colour bar) starts a third of
+    the value range beyond the worst value instead."""
+    for lines in ax.collections:
+        if isinstance(lines, LineCollection) and lines.get_array() is not None:
+            low, high = lines.get_clim()
+            pad = 0.35 * ((high - low) or abs(high) or 1.0)
+            reverse = lines.get_cmap().name.endswith("_r")      # minimising: the worst is the highest
+            lines.set_clim(low, high + pad) if reverse else lines.set_clim(low - pad, high)
 
 
 def common_round(reached: list[Reached]) -> int | None:
@@ -193,7 +209,9 @@ def importance_picture(study: optuna.Study, reached: list[Reached], metric: str,
     varied, fixed = varied_params(reached)
     fixed_note = f" Not varied (importance 0 by definition): {', '.join(fixed)}." if fixed else ""
     why = None
-    if not varied:
+    if len(reached) < 2:
+        why = f"{len(reached)} trial(s) reported a round"
+    elif not varied:
         why = f"no searched parameter took two values ({', '.join(fixed) or 'none searched'})"
     elif len(varied) == 1:
         why = f"only {varied[0]} varied: its share of the variance is 1 by definition"
@@ -213,8 +231,8 @@ def importance_picture(study: optuna.Study, reached: list[Reached], metric: str,
                                    f"variance of {metric} {at} by {', '.join(varied)}.{fixed_note}")
     ax = ovm.plot_param_importances(copy, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED),
                                     params=varied, target_name=metric)
-    ax.set_title(f"Importance for {metric} {round_label(step, epochs_at) if step is not None else ''} "
-                 f"({len(reached)} trials)", loc="left", fontsize=10)
+    ax.set_title(f"Importance for {metric} at " + (round_label(step, epochs_at) if step is not None else
+                 "each trial's last value") + f", {len(reached)} trials", loc="left", fontsize=10)
     caption = (f"fANOVA (Optuna's FanovaImportanceEvaluator, seed {IMPORTANCE_SEED}) of {metric} {at}, so "
                f"every trial is judged after the same training.{fixed_note}")
     return Picture(title, ax, caption)
