@@ -168,6 +168,8 @@ def parallel_picture(study: optuna.Study, reached: list[Reached], metric: str,
     ax = ovm.plot_parallel_coordinate(copy, params=varied + ([RUNG_PARAM] if with_rung else []),
                                       target_name=metric)
     _no_white_lines(ax)
+    axes = 1 + len(varied) + with_rung
+    ax.figure.set_size_inches(max(6.4, 1.4 * axes + 1.5), 4.8)    # Optuna's 6.4 in crowd 5 axes' ticks
     ax.set_title(f"Parallel coordinates: {len(reached)} trials at their last round"
                  + (f" (axis '{RUNG_PARAM}')" if with_rung else ""), y=1.03, fontsize=10)
     caption = (f"All {len(reached)} trials that reported a round, at their {metric} in the last round "
