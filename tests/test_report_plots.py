@@ -138,6 +138,8 @@ def test_report_writes_the_pictures_with_captions(study, tmp_path):
     style = plt.rcParams["axes.facecolor"]
     images, notes, captions = report.optuna_plots(tmp_path / "exp", EPOCHS_AT)
     assert sorted(images.values()) == ["history.png", "importance.png", "parallel.png"] and not notes
+    assert [t.split(" (")[0] for t in images] == ["Optimisation history", "Parallel coordinates",
+                                                  "Hyper-parameter importance"]
     assert all((tmp_path / "exp" / png).stat().st_size > 2000 for png in images.values())
     assert all("round" in captions[t] for t in images)
     assert plt.get_fignums() == []
@@ -147,16 +149,18 @@ def test_report_writes_the_pictures_with_captions(study, tmp_path):
 def test_what_cannot_be_said_is_said_not_drawn(tmp_path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # one trial reported a round: no history, no lines to compare, no importance
-    one = write_study(tmp_path / "one", TRIALS[:1] + TRIALS[4:5])
-    images, notes, _ = report.optuna_plots(tmp_path / "one", EPOCHS_AT)
-    assert images == {} and len(notes) == 3 and all("not drawn" in n and "1 trial(s) reported a round" in n for n in notes)
-    assert not (tmp_path / "one" / "importance.png").exists()
+    write_study(tmp_path / "one", TRIALS[:1] + TRIALS[4:5])
+    images, _, captions = report.optuna_plots(tmp_path / "one", EPOCHS_AT)
+    assert len(images) == 3 and set(images.values()) == {None}             # three sections, no picture
+    assert all("not drawn" in c and "1 trial(s) reported a round" in c for c in captions.values())
+    assert not list((tmp_path / "one").glob("*.png"))
     # four trials for three varied parameters: fewer than two per parameter
-    four = write_study(tmp_path / "four", TRIALS[:4])
-    images, notes, _ = report.optuna_plots(tmp_path / "four", EPOCHS_AT)
-    assert set(images.values()) == {"history.png", "parallel.png"}
-    assert notes == ["hyper-parameter importance not drawn: 4 trial(s) for 3 varied parameters (batch_size, lr, "
-                     "optimizer); an importance needs at least 2 trials per parameter."]
+    write_study(tmp_path / "four", TRIALS[:4])
+    images, _, captions = report.optuna_plots(tmp_path / "four", EPOCHS_AT)
+    assert [png for png in images.values()] == ["history.png", "parallel.png", None]
+    assert list(captions.values())[2] == (
+        "hyper-parameter importance not drawn: 4 trial(s) for 3 varied parameters (batch_size, lr, optimizer); "
+        "an importance needs at least 2 trials per parameter.")
     # a parameter that never varied is named, and left out of the importance (no 0.33 each)
     same_optimizer = [(s, c, {**p, "optimizer": "sgd"}) for s, c, p in TRIALS]
     study = write_study(tmp_path / "fixed", same_optimizer)

@@ -24,7 +24,6 @@ from markdown.treeprocessors import Treeprocessor
 
 from ..core.config import UserError
 from .folders import ranked_trials, read_json, read_yaml, write_csv, write_png, write_text
-from .search_plots import search_pictures
 
 TOP_CURVES = 4
 METRIC = "val_acc"                      # what the search maximised (the study's value)
@@ -125,18 +124,18 @@ def optuna_plots(exp: Path, epochs_at: dict[int, float] | None = None
                  ) -> tuple[dict[str, str], list[str], dict[str, str]]:
     """Optuna's own matplotlib plots of every trial in the study that reported a round, pruned ones
     at the round they reached (search_plots.py): optimisation history, parallel coordinates, fANOVA
-    importance. ({title: png}, notes on what could not be drawn and why, {title: caption})."""
+    importance. ({title: png, or None where the plot could say nothing}, notes, {title: caption, or
+    for a plot not drawn the reason})."""
+    from .search_plots import search_pictures      # imports Optuna, as load_study does: only when needed
     study = load_study(exp)
     if study is None:
         return {}, ["no Optuna study in this experiment: optimisation history and importance not drawn"], {}
-    images, notes, captions = {}, [], {}
+    images: dict[str, str | None] = {}
+    captions: dict[str, str] = {}
     for picture, png in zip(search_pictures(study, METRIC, epochs_at), ("history.png", "parallel.png", "importance.png")):
-        if picture.ax is None:
-            notes.append(picture.note)
-            continue
-        images[picture.title] = save_figure(picture.ax.figure, exp / png)
-        captions[picture.title] = picture.caption
-    return images, notes, captions
+        images[picture.title] = None if picture.ax is None else save_figure(picture.ax.figure, exp / png)
+        captions[picture.title] = picture.note if picture.ax is None else picture.caption
+    return images, [], captions
 
 
 def epochs_of_rounds(history: pd.DataFrame) -> dict[int, float]:
@@ -233,7 +232,8 @@ def write_report(exp: Path) -> Path:
                                                           "seconds"]]), ""]
     lines += ["## Per class (test set)", "", markdown(table), ""]
     for title, img in images.items():
-        lines += [f"## {title}", "", f"![{title}]({img})", ""] + ([captions[title], ""] if captions.get(title) else [])
+        shown = [f"![{title}]({img})", ""] if img else []          # None: not drawn, the caption says why
+        lines += [f"## {title}", "", *shown] + ([captions[title], ""] if captions.get(title) else [])
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return write_markdown_report(exp, "\n".join(lines))

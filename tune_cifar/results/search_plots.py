@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
 import optuna
 from matplotlib.collections import LineCollection
 from optuna.distributions import CategoricalDistribution
@@ -246,8 +247,14 @@ def search_pictures(study: optuna.Study, metric: str = "val_acc",
     the ggplot style globally: it stays inside this call, the report's other figures keep theirs."""
     reached = reached_trials(study)
     pictures = []
-    for make in (history_picture, parallel_picture, importance_picture):
+    for make, title in ((history_picture, "Optimisation history"), (parallel_picture, "Parallel coordinates"),
+                        (importance_picture, "Hyper-parameter importance")):
         with matplotlib.rc_context(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            pictures.append(make(study, reached, metric, epochs_at))
+            try:
+                pictures.append(make(study, reached, metric, epochs_at))
+            except Exception as e:      # a study this module did not foresee: the report still gets made
+                plt.close("all")
+                pictures.append(Picture(title, note=f"{title.lower()} not drawn ({type(e).__name__}: "
+                                                    f"{str(e)[:120]})"))
     return pictures
