@@ -130,7 +130,7 @@ def history_picture(study: optuna.Study, reached: list[Reached], metric: str,
     title = "Optimisation history (every trial, at the last round it reached)"
     if len(reached) < 2:
         return Picture(title, note=f"optimisation history not drawn: {len(reached)} trial(s) reported a "
-                                   "round, and one point is no history")
+                                   "round; a history needs two")
     import optuna.visualization.matplotlib as ovm
     everyone = study.get_trials(deepcopy=False)
     studies = []
