@@ -26,6 +26,7 @@ from ..core.config import UserError
 from .folders import ranked_trials, read_json, read_yaml, write_csv, write_png, write_text
 
 TOP_CURVES = 4
+METRIC = "val_acc"                      # what the search maximised (the study's value)
 
 
 def overfitting_gap(history: pd.DataFrame, trial_id: str) -> float:
@@ -42,20 +43,52 @@ def save_figure(fig, path: Path) -> str:
 
 # --------------------------------------------------------------------------- search plots
 
-def plot_curves(history: pd.DataFrame, trial_ids: list[str], path: Path) -> str:
+LOSS_CAP = 2.0      # the loss axis ends at LOSS_CAP x ln(classes), the loss of a uniform guess
+
+
+def loss_limit(losses: pd.Series, n_classes: int | None) -> float | None:
+    """Top of the loss axis: LOSS_CAP x ln(n_classes) when some loss is above it, else None (matplotlib
+    chooses). A trial far worse than guessing in its first round (e.g. 38 where guessing scores 2.3)
+    would otherwise squash every other curve into the bottom of the axis."""
+    if not n_classes or n_classes < 2 or losses.empty:
+        return None
+    cap = LOSS_CAP * math.log(n_classes)
+    return cap if float(losses.max()) > cap else None
+
+
+def plot_curves(history: pd.DataFrame, trial_ids: list[str], path: Path,
+                n_classes: int | None = None) -> tuple[str, str]:
+    """Train (dashed) and validation (solid) loss and accuracy of `trial_ids`, a marker at every
+    evaluation round, so a trial stopped at the first rung (one round) shows as a point.
+    (png name, caption saying where the loss axis was cut)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for i, tid in enumerate(trial_ids):
         h = history[history["trial_id"] == tid]
         color = f"C{i}"
-        label = f"{tid}{' (best)' if i == 0 else ''}"
-        ax_loss.plot(h["epoch"], h["train_loss"], color=color, ls="--", alpha=0.8)
-        ax_loss.plot(h["epoch"], h["val_loss"], color=color, label=label)
-        ax_acc.plot(h["epoch"], h["train_acc"], color=color, ls="--", alpha=0.8)
-        ax_acc.plot(h["epoch"], h["val_acc"], color=color, label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (dashed: train, solid: validation)")
+        label = f"{tid}{' (best)' if i == 0 else ''}{' (1 round)' if len(h) == 1 else ''}"
+        ax_loss.plot(h["epoch"], h["train_loss"], color=color, ls="--", alpha=0.8, marker=".")
+        ax_loss.plot(h["epoch"], h["val_loss"], color=color, label=label, marker="o", ms=4)
+        ax_acc.plot(h["epoch"], h["train_acc"], color=color, ls="--", alpha=0.8, marker=".")
+        ax_acc.plot(h["epoch"], h["val_acc"], color=color, label=label, marker="o", ms=4)
+    shown = history[history["trial_id"].isin(trial_ids)]
+    losses = pd.concat([shown["train_loss"], shown["val_loss"]]).dropna()
+    top = loss_limit(losses, n_classes)
+    caption = "Markers: the evaluation rounds (a trial with one round is a single point)."
+    loss_title = "loss (dashed: train, solid: validation)"
+    if top is not None:
+        above = shown[(shown["val_loss"] > top) | (shown["train_loss"] > top)]
+        worst = shown.loc[shown[["train_loss", "val_loss"]].max(axis=1).idxmax()]
+        low = float(losses.min())
+        ax_loss.set_ylim(bottom=max(0.0, low - 0.05 * (top - low)), top=top)
+        loss_title += f"\naxis cut at {top:.2f} = {LOSS_CAP:g} x ln({n_classes})"
+        caption += (f" The loss axis ends at {top:.2f} ({LOSS_CAP:g} x ln {n_classes}, twice the loss of a "
+                    f"uniform guess): {len(above)} round(s) lie above it, the highest "
+                    f"{max(worst['train_loss'], worst['val_loss']):.3g} (trial {worst['trial_id']}, epoch "
+                    f"{worst['epoch']:g}).")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title=loss_title)
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy (dashed: train, solid: validation)")
     ax_acc.legend(fontsize=8)
-    return save_figure(fig, path)
+    return save_figure(fig, path), caption
 
 
 def plot_rungs(history: pd.DataFrame, trials: pd.DataFrame, path: Path) -> str:
@@ -87,28 +120,30 @@ def load_study(exp: Path):
         return None
 
 
-def optuna_plots(exp: Path) -> tuple[dict[str, str], list[str]]:
-    """Optuna's own matplotlib plots of what the study holds: optimisation history, parallel
-    coordinates, fANOVA importance. ({title: png}, notes on what could not be drawn)."""
-    import warnings
-
-    import optuna.visualization.matplotlib as ovm
+def optuna_plots(exp: Path, epochs_at: dict[int, float] | None = None
+                 ) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """Optuna's own matplotlib plots of every trial in the study that reported a round, pruned ones
+    at the round they reached (search_plots.py): optimisation history, parallel coordinates, fANOVA
+    importance. ({title: png, or None where the plot could say nothing}, notes, {title: caption, or
+    for a plot not drawn the reason})."""
+    from .search_plots import search_pictures      # imports Optuna, as load_study does: only when needed
     study = load_study(exp)
     if study is None:
-        return {}, ["no Optuna study in this experiment: optimisation history and importance not drawn"]
-    images, notes = {}, []
-    for title, plot, png in (("Optimisation history", ovm.plot_optimization_history, "history.png"),
-                             ("Parallel coordinates", ovm.plot_parallel_coordinate, "parallel.png"),
-                             ("Hyper-parameter importance (fANOVA)", ovm.plot_param_importances, "importance.png")):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")          # Optuna marks its matplotlib backend experimental
-                ax = plot(study)
-            images[title] = save_figure(ax.figure, exp / png)
-        except Exception as e:       # too few finished trials, a single value, ...
-            notes.append(f"{title.lower()} not drawn ({type(e).__name__}: {str(e)[:120]})")
-            plt.close("all")
-    return images, notes
+        return {}, ["no Optuna study in this experiment: optimisation history and importance not drawn"], {}
+    images: dict[str, str | None] = {}
+    captions: dict[str, str] = {}
+    for picture, png in zip(search_pictures(study, METRIC, epochs_at), ("history.png", "parallel.png", "importance.png")):
+        images[picture.title] = None if picture.ax is None else save_figure(picture.ax.figure, exp / png)
+        captions[picture.title] = picture.note if picture.ax is None else picture.caption
+    return images, [], captions
+
+
+def epochs_of_rounds(history: pd.DataFrame) -> dict[int, float]:
+    """round (Optuna's step, training_iteration) -> epoch, where history.csv gives one epoch for it."""
+    if not {"training_iteration", "epoch"} <= set(history.columns):
+        return {}
+    epochs = history.dropna(subset=["training_iteration", "epoch"]).groupby("training_iteration")["epoch"].unique()
+    return {int(step): float(e[0]) for step, e in epochs.items() if len(e) == 1}
 
 
 # --------------------------------------------------------------------------- test-set plots
@@ -156,13 +191,15 @@ def write_report(exp: Path) -> Path:
 
     ranked = ranked_trials(trials)
     top = [best["best_trial"]] + [t for t in ranked["trial_id"] if t != best["best_trial"]][:TOP_CURVES - 1]
-    images["Training curves (best and runners-up)"] = plot_curves(history, top, exp / "curves.png")
-    images["Validation accuracy of every trial"] = plot_rungs(history, trials, exp / "trials_epochs.png")
-    study_images, notes = optuna_plots(exp)
-    images.update(study_images)
-
     # the test metrics were computed once, by the final evaluation, and stored in best.json
     classes = [c["class"] for c in best["per_class"]]
+    images["Training curves (best and runners-up)"], curves_caption = plot_curves(history, top, exp / "curves.png",
+                                                                                  n_classes=len(classes))
+    images["Validation accuracy of every trial"] = plot_rungs(history, trials, exp / "trials_epochs.png")
+    study_images, notes, captions = optuna_plots(exp, epochs_of_rounds(history))
+    captions["Training curves (best and runners-up)"] = curves_caption
+    images.update(study_images)
+
     images["Confusion matrix (test set)"] = plot_confusion(np.array(best["confusion_matrix"]), classes,
                                                            exp / "confusion.png")
     table = pd.DataFrame(best["per_class"])
@@ -195,7 +232,8 @@ def write_report(exp: Path) -> Path:
                                                           "seconds"]]), ""]
     lines += ["## Per class (test set)", "", markdown(table), ""]
     for title, img in images.items():
-        lines += [f"## {title}", "", f"![{title}]({img})", ""]
+        shown = [f"![{title}]({img})", ""] if img else []          # None: not drawn, the caption says why
+        lines += [f"## {title}", "", *shown] + ([captions[title], ""] if captions.get(title) else [])
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return write_markdown_report(exp, "\n".join(lines))
