@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ..core.config import TrainConfig, UserError
 from ..results.folders import RAY_DIR, command_line, read_json, start_experiment, write_json, write_yaml
 from .ray_session import RayOptions, start_ray, stop_ray, threads_for, trial_resources
+from .stop_signal import fit_until_stopped
 
 TIME_RESERVE = (15.0, 0.02)     # seconds + share of --time-budget kept for the test, report, shut-down
 
@@ -95,7 +96,7 @@ def run(plan: Plan, report: Callable[[Path], Any] | None = None) -> dict[str, An
     if opts.mlflow is not None:
         from .loggers import check_mlflow
         check_mlflow()                  # a missing package is bad input: before anything is written
-    start_experiment(exp, overwrite=opts.overwrite, storage=tune_path(exp, opts.ray))
+    start_experiment(exp, overwrite=opts.overwrite, storage=tune_path(exp, opts.ray), resume=opts.resume)
     if not opts.resume:
         write_yaml(exp / "spec.yaml", {"command": opts.command or command_line(), **plan.spec_record})
         write_json(exp / "plan.json", plan.plan_record)
@@ -350,7 +351,7 @@ def run_tuner(make_tuner, exp: Path, opts: RunOptions, trainable, callbacks: lis
     else:
         tuner = make_tuner()
     add_output(tuner, callbacks, opts.verbose)
-    return tuner.fit()
+    return fit_until_stopped(tuner)     # SIGTERM / Ctrl-C: Tune saves its state, no results
 
 
 def add_output(tuner, callbacks: list | tuple, verbose: bool) -> None:
