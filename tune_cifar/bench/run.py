@@ -617,24 +617,30 @@ def run_accept(dev: torch.device, quick: bool, data_dir: str | None, work: Path,
     t_all = time.perf_counter()
     if z.small_data:
         data_dir = small_cifar(cifar, work / "cifar10_small", *z.small_data)
-    ray_started = False
+    ray_facts: dict[str, Any] | None = None
 
     def shared_ray() -> None:      # --quick: after the parts without Ray, so its start-up slows none of them
-        nonlocal ray_started
-        if quick and not ray_started:
-            import ray
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-            ray_started = True
+        nonlocal ray_facts
+        if quick and ray_facts is None:
+            ray_facts = start_shared_ray()
     try:
         parts = accept_parts(dev, key, z, data_dir, work, cifar, shared_ray)
     finally:
-        if ray_started:
-            import ray
-            ray.shutdown()
+        if ray_facts is not None:
+            from ..tuning.ray_session import stop_ray
+            stop_ray(ray_facts)
     total = time.perf_counter() - t_all
     verdicts = [p["verdict"] for p in parts]
     return {"sizes": key, "note": z.note, "data": data_dir, "parts": parts, "total_s": round(total, 1),
             "passed": verdicts.count("pass"), "failed": verdicts.count("fail")}
+
+
+def start_shared_ray() -> dict[str, Any]:
+    """The one Ray that accept --quick's searches share (each search's start_ray finds it running):
+    started where every command starts its Ray (tuning/ray_session.start_ray), so an embedded one with
+    this machine's CPUs even beside a `ray start` cluster, or the cluster $RAY_ADDRESS names."""
+    from ..tuning.ray_session import RayOptions, start_ray
+    return start_ray(RayOptions(num_cpus=os.cpu_count()))
 
 
 def small_cifar(cifar, folder: Path, n_train: int, n_test: int) -> str:
