@@ -189,6 +189,7 @@ def test_report_and_export_read_a_locked_experiment(contended, cli):
 def test_a_killed_driver_with_its_own_ray_leaves_no_lock(ray_session, tmp_path, cifar_dir, cli):
     """The driver starts its own embedded Ray (raylet, workers: its children); after kill -9 of the
     driver they live on, and none of them may have inherited the lock."""
+    import ray  # noqa: F401, I001  (first: it puts its own psutil, ray/thirdparty_files, on the path)
     import psutil
     exp = tmp_path / "killed"
     args = search_args(cifar_dir, tmp_path, "killed", "--num-samples", 3)
