@@ -296,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     from .results.folders import command_line
     args = build_parser().parse_args(None if argv is None else [str(x) for x in argv])
     args.command = command_line(None if argv is None else [str(x) for x in argv])  # recorded in spec.yaml
+    from .results.lock import command_scope
+    from .tuning.stop_signal import sigterm_interrupts
     try:
-        COMMANDS[args.subcommand](args)
+        # the experiment locks the command takes are held until it ends; SIGTERM stops it as Ctrl-C does
+        with command_scope(args.command), sigterm_interrupts():
+            COMMANDS[args.subcommand](args)
     except UserError as e:
         sys.stderr.write(f"tune_cifar {args.subcommand}: error: {e}\n")
         return 2

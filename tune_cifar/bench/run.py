@@ -98,7 +98,7 @@ def run_bench(cli: Callable[[list], int], device: str | None = None, quick: bool
         the searches, started after the parts without Ray so its start-up slows none of them."""
         nonlocal ray_facts
         if quick and ray_facts is None:
-            ray_facts = start_ray(RayOptions())
+            ray_facts = start_ray(RayOptions(num_cpus=os.cpu_count()))
     t_all = time.perf_counter()
     try:
         rows = run_parts(b, chosen, shared_ray)

@@ -62,7 +62,7 @@ def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool, comman
     from ..training.fit import fit
 
     started = time.time()
-    start_experiment(exp, overwrite=overwrite)
+    start_experiment(exp, overwrite=overwrite, resume=resume)
     state = None
     if resume:
         state = read_checkpoint(exp)

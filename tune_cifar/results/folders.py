@@ -28,6 +28,7 @@ import yaml
 
 from ..core.config import UserError
 from ..core.trial import SUCCEEDED
+from . import lock
 
 RAY_DIR = "tune"
 
@@ -125,17 +126,34 @@ def experiment_dir(results_dir: Path, name: str, *, resume: bool = False, overwr
         raise UserError("--resume and --overwrite exclude each other")
     check_writable(results_dir)
     exp = Path(results_dir) / name
+    if resume and exp.exists():
+        lock.acquire(exp)            # before anything of it is read: held until the command ends
+    else:
+        lock.check_unlocked(exp)     # a running experiment is named as such; the lock: start_experiment
     if exp.exists() and not (resume or overwrite):
-        raise UserError(f"experiment folder {exp} already exists: pass --resume to continue it "
-                        "or --overwrite to replace it (or choose another --name)")
+        raise _exists(exp)
     if resume and not exp.exists():
         raise UserError(f"--resume: no experiment folder {exp} to continue")
     return exp
 
 
-def start_experiment(exp: Path, overwrite: bool, storage: str | None = None) -> Path:
+def _exists(exp: Path) -> UserError:
+    return UserError(f"experiment folder {exp} already exists: pass --resume to continue it "
+                     "or --overwrite to replace it (or choose another --name)")
+
+
+def start_experiment(exp: Path, overwrite: bool, storage: str | None = None, resume: bool = False) -> Path:
     """Create the folder once every check has passed (replacing it only under --overwrite, together
-    with Ray Tune's state of the same experiment in a separate local --storage folder)."""
+    with Ray Tune's state of the same experiment in a separate local --storage folder), under the
+    experiment's lock (results/lock.py), taken first and held until the command ends."""
+    lock.acquire(exp)                # a no-op where held already (--resume, a stage such as cv/)
+    if storage and "://" not in storage:
+        # Tune's state in a local --storage folder is named after the experiment only, so another
+        # results folder's experiment of the same name would share it: locked as well (the same
+        # path as exp without --storage: covered, nothing more taken)
+        lock.acquire(Path(storage))
+    if exp.exists() and not (overwrite or resume):
+        raise _exists(exp)           # made by another command since experiment_dir looked
     if overwrite:
         if exp.exists():
             shutil.rmtree(exp)

@@ -27,6 +27,7 @@ class RayOptions:
     dashboard_port: int = 8265
     storage: str | None = None          # where Tune writes; None = the experiment folder
     verbose: bool = False               # forward the workers' output to this terminal
+    num_cpus: int | None = None         # CPUs of an embedded Ray (None: Ray counts them); a cluster has its own
 
     def joins_cluster(self) -> bool:
         return (self.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
@@ -127,6 +128,8 @@ def start_ray(opts: RayOptions) -> dict[str, Any]:
         # test's cluster) has announced in /tmp/ray/ray_current_cluster
         kwargs.update(include_dashboard=opts.dashboard, dashboard_host=opts.dashboard_host,
                       dashboard_port=opts.dashboard_port)
+        if opts.num_cpus is not None:     # never when joining: Ray refuses num_cpus for an existing cluster
+            kwargs["num_cpus"] = opts.num_cpus
         ctx = ray.init(address="local", **kwargs)
     url = getattr(ctx, "dashboard_url", None)
     if opts.dashboard and url:

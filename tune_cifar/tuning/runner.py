@@ -36,7 +36,7 @@ def run(plan: Plan, report: Callable[[Path], Any] | None = None) -> dict[str, An
     if opts.mlflow is not None:
         from .loggers import check_mlflow
         check_mlflow()                  # a missing package is bad input: before anything is written
-    start_experiment(exp, overwrite=opts.overwrite, storage=tune_path(exp, opts.ray))
+    start_experiment(exp, overwrite=opts.overwrite, storage=tune_path(exp, opts.ray), resume=opts.resume)
     if not opts.resume:
         write_yaml(exp / "spec.yaml", {"command": opts.command or command_line(), **plan.spec_record()})
         write_json(exp / "plan.json", plan.record())

@@ -9,6 +9,7 @@ from ..core.config import UserError
 from ..core import trial as protocol
 from ..core.trial import CANDIDATE, SPLIT, fold_config, tag_number
 from ..results.folders import RAY_DIR
+from .stop_signal import fit_until_stopped
 
 if TYPE_CHECKING:          # types only: the plan is built by the commands, the factory only reads it
     from .plan import FoldTrials, Plan, RunOptions, SearchTrials
@@ -116,7 +117,7 @@ def run_tuner(fresh, exp: Path, opts: "RunOptions", trainable, callbacks: list |
     else:
         tuner = fresh()
     add_output(tuner, callbacks, opts.verbose)
-    return tuner.fit()
+    return fit_until_stopped(tuner)     # SIGTERM / Ctrl-C: Tune saves its state, no results
 
 
 def add_output(tuner, callbacks: list | tuple, verbose: bool) -> None:
