@@ -114,6 +114,8 @@ def plan_kfold(name: str, opts: KFoldOptions) -> Plan:
     check_time_budget(opts.time_budget)
     base, resources, data_dir = prepare_base(spec, opts, "kfold", epochs=opts.epochs or spec.budget.max_epochs,
                                              subset=opts.subset, seed=opts.seed, patience=0)
+    check_folds(opts.k, opts.repeats, base)
+    spec, base, fitting = fit_kfold(spec, base, opts)
     if opts.fixed:
         point = spec.default_point()
         for key, value in opts.fixed.items():
@@ -125,12 +127,27 @@ def plan_kfold(name: str, opts: KFoldOptions) -> Plan:
         candidates = draw_configs(spec, opts.num_samples or 1, opts.seed)
     for c in candidates:
         base.replace(**c).check("kfold configuration")
-    check_folds(opts.k, opts.repeats, base)
     check_fold_batches(candidates, base, opts.k)
     exp = experiment_dir(opts.results_dir, opts.name or f"kfold_{spec.name}", overwrite=opts.overwrite)
     from ..tuning.trainable import fault_injection
     return make_plan(spec, dataclasses.replace(opts, data_dir=data_dir), base, candidates, exp, resources,
-                     fault_injection())
+                     fault_injection(), fitting.to_dict())
+
+
+def fit_kfold(spec: SearchSpec, base: TrainConfig, opts: KFoldOptions):
+    """The space and epochs fitted to the smallest fold's training part (core/fitting.py), before the
+    configurations are drawn from the space. --set batch_size / evals_per_epoch and --epochs are the
+    user's and stay as given (check_fold_batches says when they cannot run); the epochs are scaled
+    only when the folds are cut from every image (no --subset)."""
+    from ..core.fitting import fit_plan
+    from ..data.cache import train_size
+    given = {key for key in ("batch_size", "evals_per_epoch") if key in opts.fixed}
+    if opts.epochs is not None:
+        given.add("max_epochs")
+    batch = check_value("--set batch_size", "batch_size", opts.fixed["batch_size"], base) if "batch_size" in given \
+        else None
+    return fit_plan(spec, base, train_size(base, k=opts.k), given=given, scale_budget=base.subset is None,
+                    batch_size=batch)
 
 
 def plan_modes(model: str, opts: KFoldOptions) -> Plan:
@@ -180,18 +197,19 @@ def resumed_plan(name: str | None, opts: KFoldOptions, default_name: str) -> Pla
     """The plan saved in plan.json (see experiment.reopen)."""
     exp, saved, spec, opts = reopen(name, opts, default_name, PLAN_FLAGS)
     return make_plan(spec, opts, TrainConfig.from_dict(saved["base"], where=str(exp / "plan.json")),
-                     saved["candidates"], exp, saved["resources"], saved.get("inject") or {})
+                     saved["candidates"], exp, saved["resources"], saved.get("inject") or {}, saved.get("fitting"))
 
 
 def make_plan(spec: SearchSpec, opts: KFoldOptions, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
-              resources: dict[str, float], inject: dict[str, Any]) -> Plan:
+              resources: dict[str, float], inject: dict[str, Any], fitting: dict[str, Any] | None = None) -> Plan:
+    """fitting: what core/fitting.py changed (plan.json keeps it beside the fitted spec and base)."""
     options = recorded_options(opts)
     spec_record = {"kind": "kfold", "k": opts.k, "repeats": opts.repeats, **spec.to_dict(), "base": base.to_dict(),
                    "candidates": candidates}
     return Plan(exp=exp, opts=opts, spec_record=spec_record,
                 plan_record={"kind": "kfold", "spec": spec.to_dict(), "base": base.to_dict(),
                              "candidates": candidates, "k": opts.k, "repeats": opts.repeats, "options": options,
-                             "resources": resources, "inject": inject},
+                             "resources": resources, "inject": inject, **({"fitting": fitting} if fitting else {})},
                 resources=resources, time_budget=opts.time_budget, phase="folds",
                 make_tuner=lambda trainable, seconds: make_tuner(base, candidates, opts, exp, inject, trainable,
                                                                  seconds),

@@ -114,7 +114,8 @@ def cross_validate(plan: Plan, spec: SearchSpec, candidates: list[dict[str, Any]
         restorable = (cv / "plan.json").exists() and can_restore(cv, opts)
         cv_opts = dataclasses.replace(cv_opts, resume=restorable, overwrite=cv.exists() and not restorable)
         base = spec.base.replace(patience=0)
-        run(make_plan(spec, cv_opts, base, candidates, cv, plan.resources, plan.plan_record.get("inject") or {}))
+        run(make_plan(spec, cv_opts, base, candidates, cv, plan.resources, plan.plan_record.get("inject") or {},
+                      plan.plan_record.get("fitting")))
     return pd.read_csv(cv / "kfold.csv").fillna({"reason": ""})
 
 

@@ -246,6 +246,8 @@ def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[Tr
         values["download"] = download     # ImageNet weights: torchvision's cache, else downloaded
     base = spec.base.replace(**values)
     base.check(where)
+    if opts.subset is None and base.subset is not None:      # a preset's subset (--quick), not the user's
+        base = fit_preset_subset(base)
     check_data(base)
     check_weights(base)
     if auto:
@@ -259,6 +261,16 @@ def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[Tr
     if "threads" not in changes:
         base = base.replace(threads=threads_for(resources) if not resources["gpu"] else None)
     return base, resources, data_dir
+
+
+def fit_preset_subset(base: TrainConfig) -> TrainConfig:
+    """--quick's subset capped at the data's training images, with a note (core/fitting.py)."""
+    from ..core.fitting import fit_subset
+    from ..data.cache import training_labels
+    subset, note = fit_subset(base.subset, len(training_labels(base)))
+    if note:
+        print(note, flush=True)
+    return base.replace(subset=subset)
 
 
 def recorded_options(opts: RunOptions) -> dict[str, Any]:
