@@ -38,8 +38,9 @@ def one_line_error(rc, err, *needles):
     (["train", TINY, "--batch-size", "100000000", "--subset", "2000"], "batch_size=100000000 is larger than the 1800"),
     (["train", TINY, "--subset", "200", "--batch-size", "64", "--evals-per-epoch", "4"],
      "has 2 full batch(es) of 64, fewer than evals_per_epoch=4"),
-    (["search", TINY, "--subset", "200"],
-     "space.batch_size: an epoch of 180 training images has 1 full batch(es) of 128"),
+    # the space's evals_per_epoch is fitted to a small split (core/fitting.py); one given with --set is not
+    (["kfold", TINY, "--subset", "200", "--k", "3", "--set", "batch_size=128", "--set", "evals_per_epoch=2"],
+     "kfold configuration: an epoch of 133 training images has 1 full batch(es) of 128"),
 ])
 def test_values_that_slipped_through_are_one_line_errors(args, message, cli, cifar_dir, tmp_path):
     rc, _, err = cli(*args, "--data-dir", cifar_dir, "--results-dir", tmp_path / "r")

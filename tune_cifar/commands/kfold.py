@@ -84,6 +84,8 @@ def plan_kfold(name: str, opts: KFoldOptions) -> Plan:
     check_time_budget(opts.time_budget)
     base, resources, data_dir = prepare_base(spec, opts, "kfold", epochs=opts.epochs or spec.budget.max_epochs,
                                              subset=opts.subset, seed=opts.seed, patience=0)
+    check_folds(opts.k, opts.repeats, base)
+    spec, base, fitting = fit_kfold(spec, base, opts)
     if opts.fixed:
         point = spec.default_point()
         for key, value in opts.fixed.items():
@@ -95,12 +97,27 @@ def plan_kfold(name: str, opts: KFoldOptions) -> Plan:
         candidates = draw_configs(spec, opts.num_samples or 1, opts.seed)
     for c in candidates:
         base.replace(**c).check("kfold configuration")
-    check_folds(opts.k, opts.repeats, base)
     check_fold_batches(candidates, base, opts.k)
     exp = experiment_dir(opts.results_dir, opts.name or f"kfold_{spec.name}", overwrite=opts.overwrite)
     from ..tuning.trainable import fault_injection
     return make_plan(spec, dataclasses.replace(opts, data_dir=data_dir), base, candidates, exp, resources,
-                     fault_injection())
+                     fault_injection(), fitting.to_dict())
+
+
+def fit_kfold(spec: SearchSpec, base: TrainConfig, opts: KFoldOptions):
+    """The space and epochs fitted to the smallest fold's training part (core/fitting.py), before the
+    configurations are drawn from the space. --set batch_size / evals_per_epoch and --epochs are the
+    user's and stay as given (check_fold_batches says when they cannot run); the epochs are scaled
+    only when the folds are cut from every image (no --subset)."""
+    from ..core.fitting import fit_plan
+    from ..data.cache import train_size
+    given = {key for key in ("batch_size", "evals_per_epoch") if key in opts.fixed}
+    if opts.epochs is not None:
+        given.add("max_epochs")
+    batch = check_value("--set batch_size", "batch_size", opts.fixed["batch_size"], base) if "batch_size" in given \
+        else None
+    return fit_plan(spec, base, train_size(base, k=opts.k), given=given, scale_budget=base.subset is None,
+                    batch_size=batch)
 
 
 def plan_modes(model: str, opts: KFoldOptions) -> Plan:
@@ -150,11 +167,12 @@ def resumed_plan(name: str | None, opts: KFoldOptions, default_name: str) -> Pla
     """The plan saved in plan.json (see experiment.reopen)."""
     exp, saved, spec, opts = reopen(name, opts, default_name, PLAN_FLAGS)
     return make_plan(spec, opts, TrainConfig.from_dict(saved["base"], where=str(exp / "plan.json")),
-                     saved["candidates"], exp, saved["resources"], saved.get("inject") or {})
+                     saved["candidates"], exp, saved["resources"], saved.get("inject") or {}, saved.get("fitting"))
 
 
 def cross_validate(spec: SearchSpec, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
-                   opts: KFoldOptions, resources: dict[str, Any], inject: dict[str, Any] | None = None):
+                   opts: KFoldOptions, resources: dict[str, Any], inject: dict[str, Any] | None = None,
+                   fitting: dict[str, Any] | None = None):
     """Cross-validate `candidates` (hyper-parameters over `base`) on opts.k x opts.repeats splits in
     the experiment folder `exp`, continued where it stopped (Tune's saved state; a folder killed
     before Tune saved anything starts again), and return its kfold.csv table. The test set is never
@@ -166,14 +184,15 @@ def cross_validate(spec: SearchSpec, base: TrainConfig, candidates: list[dict[st
     if not (exp / "kfold_summary.json").exists():
         restorable = (exp / "plan.json").exists() and can_restore(exp, opts.ray)
         opts = dataclasses.replace(opts, resume=restorable, overwrite=exp.exists() and not restorable)
-        run(make_plan(spec, opts, base, candidates, exp, resources, inject or {}))
+        run(make_plan(spec, opts, base, candidates, exp, resources, inject or {}, fitting))
     return pd.read_csv(exp / "kfold.csv").fillna({"reason": ""})
 
 
 def make_plan(spec: SearchSpec, opts: KFoldOptions, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
-              resources: dict[str, float], inject: dict[str, Any]) -> Plan:
+              resources: dict[str, float], inject: dict[str, Any], fitting: dict[str, Any] | None = None) -> Plan:
+    """fitting: what core/fitting.py changed (plan.json keeps it beside the fitted spec and base)."""
     return Plan(exp=exp, opts=opts, trials=FoldTrials(spec, base, candidates, opts.k, opts.repeats),
-                resources=resources, time_budget=opts.time_budget, phase="folds", inject=inject,
+                resources=resources, time_budget=opts.time_budget, phase="folds", inject=inject, fitting=fitting,
                 write_results=lambda results, phases, ray_facts: write_kfold_results(
                     exp, candidates, opts.k, opts.repeats, results, ray_facts),
                 summary_file="kfold_summary.json")

@@ -75,18 +75,33 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
         changes["resolution"] = quick["resolution"]
     check_flags(opts, ("cv_top",))
     base, resources, data_dir = prepare_base(spec, opts, "search", **changes)
-    check_batches(spec, base)
     if opts.cv_top is not None:
         from ..data.cache import check_folds
         check_folds(opts.k, opts.repeats, base)
-        check_batches(spec, base, k=opts.k)
     elif (opts.k, opts.repeats) != (5, 1):
         raise UserError("--k and --repeats choose the folds of --cv-top: add --cv-top N (or use `kfold`)")
-    spec = dataclasses.replace(spec, base=base.replace(seed=opts.seed), budget=budget)
+    spec, base, fitting = fit_search(dataclasses.replace(spec, budget=budget), base, opts)
+    check_rungs(spec.budget, base.evals_per_epoch, "--")
+    check_batches(spec, base)
+    if opts.cv_top is not None:
+        check_batches(spec, base, k=opts.k)
+    spec = dataclasses.replace(spec, base=base.replace(seed=opts.seed))
     exp = experiment_dir(opts.results_dir, opts.name or spec.name, overwrite=opts.overwrite)
     opts = dataclasses.replace(opts, data_dir=data_dir, subset=base.subset)
     from ..tuning.trainable import fault_injection
-    return make_plan(spec, opts, exp, resources, fault_injection())
+    return make_plan(spec, opts, exp, resources, fault_injection(), fitting.to_dict())
+
+
+def fit_search(spec: SearchSpec, base, opts: SearchOptions):
+    """The spec fitted to the smallest training split a trial sees (core/fitting.py): the hold-out's
+    training part, or with --cv-top the smaller training part of a fold. The budget is scaled only
+    when the trials train on every image (a --subset, or --quick's on a larger set, is a small run
+    asked for) and neither --max-epochs nor --grace-period set it."""
+    from ..core.fitting import fit_plan
+    from ..data.cache import train_size
+    n_train = train_size(base) if opts.cv_top is None else min(train_size(base), train_size(base, k=opts.k))
+    given = {key for key in ("max_epochs", "grace_period") if getattr(opts, key) is not None}
+    return fit_plan(spec, base, n_train, given=given, scale_budget=base.subset is None)
 
 
 def check_batches(spec: SearchSpec, base, k: int | None = None) -> None:
@@ -105,13 +120,14 @@ def resumed_plan(name: str, opts: SearchOptions) -> Plan:
     """The plan saved in plan.json, with only the flags that do not change it (address, dashboard,
     report, output) taken from this command line."""
     exp, saved, spec, opts = reopen(name, opts, find_space(name).stem, PLAN_FLAGS)
-    return make_plan(spec, opts, exp, saved["resources"], saved.get("inject") or {})
+    return make_plan(spec, opts, exp, saved["resources"], saved.get("inject") or {}, saved.get("fitting"))
 
 
 def make_plan(spec: SearchSpec, opts: SearchOptions, exp: Path, resources: dict[str, float],
-              inject: dict[str, Any]) -> Plan:
+              inject: dict[str, Any], fitting: dict[str, Any] | None = None) -> Plan:
+    """fitting: what core/fitting.py changed (plan.json keeps it beside the fitted spec it explains)."""
     return Plan(exp=exp, opts=opts, trials=SearchTrials(spec, opts.seed, opts.study_feedback), resources=resources,
-                time_budget=spec.budget.time_budget_s, phase="search", inject=inject,
+                time_budget=spec.budget.time_budget_s, phase="search", inject=inject, fitting=fitting,
                 write_results=lambda results, phases, ray_facts: write_search_results(
                     spec, exp, resources, results, phases, ray_facts, test=opts.cv_top is None),
                 # with --cv-top the search is only the first stage: selection.py writes best.json

@@ -106,13 +106,13 @@ def shortlisted(exp: Path, top: int) -> pd.DataFrame:
 
 def cross_validate_shortlist(plan: Plan, spec: SearchSpec, candidates: list[dict[str, Any]]) -> pd.DataFrame:
     """Stage 2: kfold's cross_validate over the shortlist in cv/, with the search's run options (its
-    --time-budget bounds the search stage only); returns kfold.csv."""
+    --time-budget bounds the search stage only) and the search's fitting to the data; returns kfold.csv."""
     from .kfold import KFoldOptions, cross_validate
     shared = {f.name: getattr(plan.opts, f.name) for f in dataclasses.fields(RunOptions)}
     cv_opts = KFoldOptions(**{**shared, "time_budget": None, "started": time.time()},
                            k=plan.opts.k, repeats=plan.opts.repeats)
     return cross_validate(spec, spec.base.replace(patience=0), candidates, plan.exp / CV_DIR, cv_opts,
-                          plan.resources, plan.inject)
+                          plan.resources, plan.inject, plan.fitting)
 
 
 def retrain(cfg: TrainConfig, exp: Path):

@@ -112,6 +112,7 @@ class Plan:
     write_results: Callable[[Any, Phases, dict[str, Any]], dict[str, Any]]   # (ResultGrid, ...) -> summary
     summary_file: str                           # best.json / kfold_summary.json
     inject: dict[str, Any] = field(default_factory=dict)     # fault injection (trainable.fault_injection)
+    fitting: dict[str, Any] | None = None       # what core/fitting.py changed to fit a small data set
 
     @property
     def kind(self) -> str:
@@ -120,7 +121,7 @@ class Plan:
     def record(self) -> dict[str, Any]:
         """plan.json."""
         return {**self.trials.record(), "options": recorded_options(self.opts), "resources": self.resources,
-                "inject": self.inject}
+                "inject": self.inject, **({"fitting": self.fitting} if self.fitting else {})}
 
     def spec_record(self) -> dict[str, Any]:
         """spec.yaml (the command is added by the runner)."""
@@ -177,6 +178,8 @@ def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[Tr
         values["download"] = download     # ImageNet weights: torchvision's cache, else downloaded
     base = spec.base.replace(**values)
     base.check(where)
+    if opts.subset is None and base.subset is not None:      # a preset's subset (--quick), not the user's
+        base = fit_preset_subset(base)
     check_data(base)
     check_weights(base)
     if auto:
@@ -190,6 +193,16 @@ def prepare_base(spec, opts: RunOptions, where: str, **changes: Any) -> tuple[Tr
     if "threads" not in changes:
         base = base.replace(threads=threads_for(resources) if not resources["gpu"] else None)
     return base, resources, data_dir
+
+
+def fit_preset_subset(base: TrainConfig) -> TrainConfig:
+    """--quick's subset capped at the data's training images, with a note (core/fitting.py)."""
+    from ..core.fitting import fit_subset
+    from ..data.cache import training_labels
+    subset, note = fit_subset(base.subset, len(training_labels(base)))
+    if note:
+        print(note, flush=True)
+    return base.replace(subset=subset)
 
 
 def recorded_options(opts: RunOptions) -> dict[str, Any]:
