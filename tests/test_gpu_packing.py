@@ -128,12 +128,12 @@ def test_gpus_per_trial_auto_on_this_cpu_machine(cifar_dir, tmp_path, capsys):
     assert a.gpus_per_trial == "auto"
     plan = plan_search(a.space, options(SearchOptions, a, ray=ray_options(a)))
     assert "--gpus-per-trial auto: no GPU: trials run on the CPU" in capsys.readouterr().out
-    record = json.loads(json.dumps(plan.plan_record))           # what run() writes as plan.json
+    record = json.loads(json.dumps(plan.record()))           # what run() writes as plan.json
     assert record["resources"]["gpu"] == 0 and plan.resources["gpu"] == 0
     assert record["resources"]["gpu_share"] == {"auto": True, "gpus_per_trial": 0,
                                                 "note": "no GPU: trials run on the CPU"}
     assert record["options"]["gpus_per_trial"] == "auto"
-    assert plan.make_tuner is not None and not (tmp_path / "auto").exists()     # planned, nothing written
+    assert plan.kind == "search" and not (tmp_path / "auto").exists()     # planned, nothing written
     assert fit_to_cluster(plan.resources, {"address": "local", "gpus": 0}, explicit_gpu=True) == {"cpu": 1, "gpu": 0}
 
 
@@ -167,7 +167,7 @@ def test_gpus_per_trial_auto_on_a_gpu_machine(cifar_dir, tmp_path, monkeypatch, 
     assert plan.resources["gpu"] == 0.3333 and share["trials_per_gpu"] == 3 and share["resident_gib"] == 1.0
     assert share["batch_size"] == 128         # the space's largest batch size
     assert "3 trials per GPU" in capsys.readouterr().out
-    assert plan.plan_record["resources"] == plan.resources
+    assert plan.record()["resources"] == plan.resources
     assert fit_to_cluster(plan.resources, {"address": "local", "gpus": 1, "node_gpus": [1]},
                           explicit_gpu=True) == {"cpu": 1, "gpu": 0.3333}
 

@@ -52,7 +52,7 @@ def test_an_int_for_a_float_field_becomes_a_float(cifar_dir, tmp_path):
     from tune_cifar.commands.kfold import KFoldOptions, plan_kfold
     plan = plan_kfold(TINY, KFoldOptions(k=3, fixed={"lr": 1}, data_dir=str(cifar_dir), subset=1500,
                                          results_dir=tmp_path))
-    lr = plan.plan_record["candidates"][0]["lr"]
+    lr = plan.record()["candidates"][0]["lr"]
     assert lr == 1.0 and isinstance(lr, float)
     assert not plan.exp.exists()                              # planning writes nothing
 
@@ -65,13 +65,13 @@ def test_resume_takes_the_saved_plan_not_the_flags_or_an_edited_file(cifar_dir, 
     opts = SearchOptions(results_dir=tmp_path, name="q", quick=True, data_dir=str(cifar_dir))
     first = plan_search(str(space), opts)
     start_experiment(first.exp, overwrite=False)              # what run() does before it is interrupted
-    write_json(first.exp / "plan.json", first.plan_record)
+    write_json(first.exp / "plan.json", first.record())
     doc = yaml.safe_load(space.read_text())
     doc["budget"]["max_epochs"] = 9                           # edited while the experiment was interrupted
     space.write_text(yaml.safe_dump(doc))
     resumed = plan_search(str(space), SearchOptions(results_dir=tmp_path, name="q", resume=True))
-    assert resumed.plan_record["spec"] == first.plan_record["spec"]
-    assert resumed.plan_record["spec"]["budget"]["max_epochs"] == 4      # --quick's, not the file's 9
+    assert resumed.record()["spec"] == first.record()["spec"]
+    assert resumed.record()["spec"]["budget"]["max_epochs"] == 4      # --quick's, not the file's 9
     assert resumed.opts.subset == 10000 and resumed.opts.quick
     with pytest.raises(UserError, match="--max-epochs 7 contradicts the saved plan"):
         plan_search(str(space), SearchOptions(results_dir=tmp_path, name="q", resume=True, max_epochs=7))

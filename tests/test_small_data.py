@@ -75,23 +75,23 @@ def plan(kind: str, data, tmp_path, **kw):
 def test_cifar_plans_are_unchanged(cifar_dir, tmp_path, capsys):
     for quick in (False, True):
         p = plan("search", cifar_dir, tmp_path, quick=quick)
-        spec = p.plan_record["spec"]
+        spec = p.record()["spec"]
         assert spec["space"]["batch_size"] == {"choice": [128, 256, 512]}
         assert spec["base"]["evals_per_epoch"] == 2 and spec["budget"]["grace_period"] == 0.5
-        assert spec["budget"]["max_epochs"] == (4 if quick else 5) and "fitting" not in p.plan_record
+        assert spec["budget"]["max_epochs"] == (4 if quick else 5) and "fitting" not in p.record()
         assert p.opts.subset == (10000 if quick else None)
     k = plan("kfold", cifar_dir, tmp_path, k=3)
-    assert k.plan_record["base"]["epochs"] == 5 and k.plan_record["base"]["evals_per_epoch"] == 2
-    assert "fitting" not in k.plan_record and "note:" not in capsys.readouterr().out
+    assert k.record()["base"]["epochs"] == 5 and k.record()["base"]["evals_per_epoch"] == 2
+    assert "fitting" not in k.record() and "note:" not in capsys.readouterr().out
 
 
 def test_two_class_folder_plan_is_fitted_and_recorded(two_class, tmp_path, capsys):
     p = plan("search", two_class, tmp_path, quick=True)
     out = capsys.readouterr().out
     assert "--subset" not in out and "--quick trains on a subset of 10,000 images" in out
-    fitting = p.plan_record["fitting"]
+    fitting = p.record()["fitting"]
     assert fitting["n_train"] == 90 and p.opts.subset is None                    # 100 less 10 % validation
-    spec = p.plan_record["spec"]
+    spec = p.record()["spec"]
     assert spec["space"]["batch_size"] == {"choice": [16]} and spec["default"]["batch_size"] == 16
     assert spec["base"]["evals_per_epoch"] == 1
     epochs = spec["budget"]["max_epochs"]
@@ -100,10 +100,10 @@ def test_two_class_folder_plan_is_fitted_and_recorded(two_class, tmp_path, capsy
     assert out.count("note: budget:") == 1 and not p.exp.exists()                # planned, nothing written
     # --cv-top: fitted to the smallest fold's training part (100 less a third)
     cv = plan("search", two_class, tmp_path, cv_top=2, k=3)
-    assert cv.plan_record["fitting"]["n_train"] == 66
+    assert cv.record()["fitting"]["n_train"] == 66
     # an explicit budget is kept
     given = plan("search", two_class, tmp_path, max_epochs=3)
-    assert given.plan_record["spec"]["budget"]["max_epochs"] == 3
+    assert given.record()["spec"]["budget"]["max_epochs"] == 3
 
 
 @pytest.mark.parametrize("fixed, message", [
@@ -131,11 +131,11 @@ def test_resume_reads_the_fitted_plan_back(two_class, tmp_path, capsys):
     from tune_cifar.results.folders import start_experiment, write_json
     first = plan("search", two_class, tmp_path, name="r", quick=True)
     start_experiment(first.exp, overwrite=False)              # what run() does before it is interrupted
-    write_json(first.exp / "plan.json", first.plan_record)
+    write_json(first.exp / "plan.json", first.record())
     capsys.readouterr()
     resumed = plan_search("simple_cnn", SearchOptions(results_dir=tmp_path, name="r", resume=True))
-    assert resumed.plan_record["spec"] == first.plan_record["spec"]
-    assert resumed.plan_record["fitting"] == first.plan_record["fitting"]
+    assert resumed.record()["spec"] == first.record()["spec"]
+    assert resumed.record()["fitting"] == first.record()["fitting"]
     assert "note:" not in capsys.readouterr().out
 
 
