@@ -10,9 +10,9 @@ from conftest import run_cli
 
 from tune_cifar.core.config import TrainConfig
 from tune_cifar.data.cache import device_data
-from tune_cifar.training.evaluate import evaluate, evaluate_test
+from tune_cifar.training.evaluate import evaluate_test
 from tune_cifar.training.fit import fit
-from tune_cifar.training.step import Runtime
+from tune_cifar.training.step import Runtime, evaluate
 
 
 @pytest.mark.slow

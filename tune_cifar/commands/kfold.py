@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import TrainConfig, UserError, value_from_csv
-from ..tuning.plan import FoldTrials, Plan, RunOptions, check_flags, check_time_budget, prepare_base, reopen
+from ..tuning.base import prepare_base
+from ..tuning.plan import FoldTrials, Plan, RunOptions, check_flags, check_time_budget, reopen
 from ..results.folders import experiment_dir, find_experiment, ranked_trials, read_json, read_yaml, write_csv
 from ..core.spaces import SearchSpec, check_value, find_space, load_space
 from ..core.trial import CANDIDATE, SPLIT, Status

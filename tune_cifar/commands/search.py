@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import UserError
-from ..tuning.plan import Plan, RunOptions, SearchTrials, check_flags, check_time_budget, prepare_base, reopen
+from ..tuning.base import prepare_base
+from ..tuning.plan import Plan, RunOptions, SearchTrials, check_flags, check_time_budget, reopen
 from ..results.folders import experiment_dir, ranked_trials, write_csv, write_json
 from ..results.tested import test_once
 from ..core.spaces import SearchSpec, check_budget, check_rungs, find_space, load_space

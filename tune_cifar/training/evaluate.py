@@ -1,41 +1,15 @@
-"""Evaluation: loss and accuracy over batches, the test set's metrics (scikit-learn), and the model
-rebuilt from a checkpoint. Imports nothing from Ray."""
+"""The test set's metrics (scikit-learn) and the model rebuilt from a checkpoint. Imports nothing
+from Ray."""
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..core.config import TrainConfig, resolve_resolution
+from ..core.config import TrainConfig
 from ..data.store import DeviceData
 from .models import build_model, join_frozen, split_frozen
-from .step import Runtime, place
-
-
-def eval_batch(cfg: TrainConfig) -> int:
-    return max(cfg.batch_size, 512 if resolve_resolution(cfg.model, cfg.mode, cfg.resolution) <= 64 else 128)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, rt: Runtime) -> tuple[float, float, np.ndarray]:
-    """(mean loss, accuracy, predictions) over an iterable of (x, y) batches, without smoothing."""
-    model.eval()
-    loss_sum = torch.zeros((), device=rt.device)
-    preds = []
-    n = correct = 0
-    for x, y in batches:
-        with rt.autocast():
-            out = model(x)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        p = out.argmax(1)
-        correct += int((p == y).sum())
-        n += len(y)
-        preds.append(p.cpu())
-    preds_np = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
-    return loss_sum.item() / max(1, n), correct / max(1, n), preds_np
+from .step import Runtime, eval_batch, evaluate, place
 
 
 def evaluate_test(model: nn.Module, cfg: TrainConfig, data: DeviceData) -> dict[str, Any]:

@@ -22,9 +22,8 @@ import torch.nn as nn
 
 from ..core.config import TrainConfig, UserError
 from ..data.store import DeviceData
-from .evaluate import eval_batch, evaluate
 from .models import build_model, join_frozen, split_frozen
-from .step import Runtime, make_optimizer, place, train_step
+from .step import Runtime, eval_batch, evaluate, make_optimizer, place, train_step
 
 # on_round(record, state): called after every round with its metrics and a function that builds the
 # resumable state on demand; returning True stops training after this round.

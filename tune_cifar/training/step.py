@@ -1,10 +1,13 @@
-"""One training step, and how a config runs on this device: shared by the loop (fit.py), the
-`--gpus-per-trial auto` measurement (gpu_share.py) and the benchmarks, so what they measure is what
-trains. Imports nothing from Ray."""
+"""How a batch runs on this device: the Runtime (device, bf16, memory layout), the model's placement,
+the one training step and the evaluation pass. Shared by the loop (fit.py), the test (evaluate.py),
+the `--gpus-per-trial auto` measurement (gpu_share.py) and the benchmarks, so what they measure is
+what trains. Imports nothing from Ray."""
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -88,3 +91,26 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     loss.backward()
     opt.step()
     return loss, out
+
+
+def eval_batch(cfg: TrainConfig) -> int:
+    return max(cfg.batch_size, 512 if resolve_resolution(cfg.model, cfg.mode, cfg.resolution) <= 64 else 128)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, rt: Runtime) -> tuple[float, float, np.ndarray]:
+    """(mean loss, accuracy, predictions) over an iterable of (x, y) batches, without smoothing."""
+    model.eval()
+    loss_sum = torch.zeros((), device=rt.device)
+    preds = []
+    n = correct = 0
+    for x, y in batches:
+        with rt.autocast():
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        p = out.argmax(1)
+        correct += int((p == y).sum())
+        n += len(y)
+        preds.append(p.cpu())
+    preds_np = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    return loss_sum.item() / max(1, n), correct / max(1, n), preds_np
