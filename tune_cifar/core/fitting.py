@@ -14,8 +14,8 @@ part; kfold's and --cv-top's smallest fold training part):
    so every round of every trial trains on at least one batch (fit_evals);
 4. when the trials train on the whole data set (no --subset of the user's) and the budget was not
    given as a flag, max_epochs is raised so that a full-budget trial at the smallest batch size
-   makes MIN_STEPS optimizer steps, and ASHA's grace period keeps its share of the budget
-   (fit_budget).
+   makes MIN_STEPS optimizer steps, with one evaluation an epoch, and ASHA's grace period keeps its
+   share of the budget (fit_budget).
 
 Every change prints one line and is recorded under "fitting" in plan.json, next to the fitted spec
 that --resume reads back (so a resumed run uses exactly what was planned). What the user gave
@@ -174,8 +174,10 @@ def fit_plan(spec: SearchSpec, base, n_train: int, *, given: set[str], scale_bud
         return spec, base, fitting
     for line in fitting.notes:
         print(line, flush=True)
-    base = base.replace(evals_per_epoch=evals, epochs=epochs)
-    spec = dataclasses.replace(spec, space=space, default=default,
-                               base=spec.base.replace(evals_per_epoch=evals, epochs=epochs),
-                               budget=dataclasses.replace(spec.budget, max_epochs=epochs, grace_period=grace))
-    return spec, base, fitting
+    budget = dataclasses.replace(spec.budget, grace_period=grace)
+    fitted_base = {"evals_per_epoch": evals}
+    if epochs != base.epochs:       # else kfold's --epochs stays in base only, the space's budget as it was
+        budget, fitted_base["epochs"] = dataclasses.replace(budget, max_epochs=epochs), epochs
+    spec = dataclasses.replace(spec, space=space, default=default, base=spec.base.replace(**fitted_base),
+                               budget=budget)
+    return spec, base.replace(**fitted_base), fitting
