@@ -39,9 +39,9 @@ from .spaces import Dist, SearchSpec
 
 # Optimizer steps a full-budget trial makes at least (at the space's smallest batch size). Measured
 # (BENCHMARKS.md, "Small data sets"): simple_cnn's default point (batch 128) on 1,800 CIFAR training
-# images reaches 0.441 test accuracy after 70 steps (the shipped 5 epochs) and 0.619 after 308; on
-# 450 images 0.270 after 51 steps and 0.461 after 300. 300 steps is about a sixth of what a CIFAR
-# trial makes (1,755), so a small set's search stays cheap next to a CIFAR one.
+# images reaches 0.441 test accuracy after 70 steps (the shipped 5 epochs), 0.619 after 308 and
+# 0.641 after 602; on 450 images 0.270 after 51 steps and 0.461 after 300. 300 takes most of the gain
+# at half the cost of 600, and is about a sixth of what a CIFAR trial makes (1,755 steps).
 MIN_STEPS = 300
 FALLBACK_BATCHES = 4     # full batches an epoch holds at a halved batch size (a shuffled epoch, not one step)
 MIN_BATCH = 8            # the smallest batch a halved choice may reach (BatchNorm's batch statistics)
