@@ -150,7 +150,7 @@ def run_ok(cli, *args) -> str:
     return out
 
 
-def tested(results: Path, name: str) -> dict:
+def best_of(results: Path, name: str) -> dict:
     best = json.loads((results / name / "best.json").read_text())
     assert 0 <= best["test_acc"] <= 1 and best["test_source"].endswith("test")
     return best
@@ -162,16 +162,16 @@ def test_two_class_folder_search_kfold_and_cv_top(two_class, tmp_path, cli, ray_
     data = ("--data-dir", two_class, "--results-dir", r)
     out = run_ok(cli, "search", "simple_cnn", "--quick", "--time-budget", 240, "--name", "q", *data)
     assert "note: budget:" in out and "--subset" not in out
-    best, planned = tested(r, "q"), json.loads((r / "q" / "plan.json").read_text())
+    best, planned = best_of(r, "q"), json.loads((r / "q" / "plan.json").read_text())
     assert best["classes"] == ["cat", "ship"] and best["config"]["batch_size"] == 16
     assert best["config"]["epochs"] == planned["spec"]["budget"]["max_epochs"] >= MIN_STEPS // (90 // 16)
     run_ok(cli, "search", "simple_cnn", "--num-samples", 2, "--max-epochs", 2, "--name", "s", *data)
-    assert tested(r, "s")["config"]["batch_size"] == 16
+    assert best_of(r, "s")["config"]["batch_size"] == 16
     run_ok(cli, "kfold", "simple_cnn", "--k", 3, "--epochs", 2, "--name", "k", *data)
     assert (r / "k" / "kfold_folds.csv").read_text().count("completed") == 3
     run_ok(cli, "search", "simple_cnn", "--cv-top", 2, "--k", 3, "--num-samples", 2, "--max-epochs", 2,
            "--name", "cv", *data)
-    best = tested(r, "cv")
+    best = best_of(r, "cv")
     assert best["selected_by"] == "cv" and best["cv"]["k"] == 3
 
 
@@ -181,16 +181,16 @@ def test_grayscale_folder_search_kfold_and_cv_top(gray, tmp_path, cli, ray_sessi
     r = tmp_path / "results"
     data = ("--data-dir", gray, "--results-dir", r)
     run_ok(cli, "search", "simple_cnn", "--quick", "--time-budget", 300, "--name", "q", *data)
-    assert len(tested(r, "q")["classes"]) == 10
+    assert len(best_of(r, "q")["classes"]) == 10
     changed = json.loads((r / "q" / "plan.json").read_text())["fitting"]["changed"]
     assert changed["max_epochs"]["to"] * (1080 // 128) >= MIN_STEPS
     run_ok(cli, "search", "simple_cnn", "--num-samples", 2, "--max-epochs", 1, "--name", "s", *data)
-    tested(r, "s")
+    best_of(r, "s")
     run_ok(cli, "kfold", "simple_cnn", "--k", 3, "--epochs", 1, "--name", "k", *data)
     planned = json.loads((r / "k" / "plan.json").read_text())
     assert planned["base"]["evals_per_epoch"] == 1 and planned["base"]["epochs"] == 1
     assert (r / "k" / "kfold_folds.csv").read_text().count("completed") == 3
     run_ok(cli, "search", "simple_cnn", "--cv-top", 2, "--k", 3, "--num-samples", 2, "--max-epochs", 1,
            "--name", "cv", *data)
-    best = tested(r, "cv")
+    best = best_of(r, "cv")
     assert best["selected_by"] == "cv" and best["config"]["evals_per_epoch"] == 1

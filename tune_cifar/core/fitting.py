@@ -14,8 +14,8 @@ part; kfold's and --cv-top's smallest fold training part):
    so every round of every trial trains on at least one batch (fit_evals);
 4. when the trials train on the whole data set (no --subset of the user's) and the budget was not
    given as a flag, max_epochs is raised so that a full-budget trial at the smallest batch size
-   makes MIN_STEPS optimizer steps, and ASHA's grace period keeps its share of the budget
-   (fit_budget).
+   makes MIN_STEPS optimizer steps, with one evaluation an epoch, and ASHA's grace period keeps its
+   share of the budget (fit_budget).
 
 Every change prints one line and is recorded under "fitting" in plan.json, next to the fitted spec
 that --resume reads back (so a resumed run uses exactly what was planned). What the user gave
@@ -39,9 +39,9 @@ from .spaces import Dist, SearchSpec
 
 # Optimizer steps a full-budget trial makes at least (at the space's smallest batch size). Measured
 # (BENCHMARKS.md, "Small data sets"): simple_cnn's default point (batch 128) on 1,800 CIFAR training
-# images reaches 0.441 test accuracy after 70 steps (the shipped 5 epochs) and 0.619 after 308; on
-# 450 images 0.270 after 51 steps and 0.461 after 300. 300 steps is about a sixth of what a CIFAR
-# trial makes (1,755), so a small set's search stays cheap next to a CIFAR one.
+# images reaches 0.441 test accuracy after 70 steps (the shipped 5 epochs), 0.619 after 308 and
+# 0.641 after 602; on 450 images 0.270 after 51 steps and 0.461 after 300. 300 takes most of the gain
+# at half the cost of 600, and is about a sixth of what a CIFAR trial makes (1,755 steps).
 MIN_STEPS = 300
 FALLBACK_BATCHES = 4     # full batches an epoch holds at a halved batch size (a shuffled epoch, not one step)
 MIN_BATCH = 8            # the smallest batch a halved choice may reach (BatchNorm's batch statistics)
@@ -174,8 +174,10 @@ def fit_plan(spec: SearchSpec, base, n_train: int, *, given: set[str], scale_bud
         return spec, base, fitting
     for line in fitting.notes:
         print(line, flush=True)
-    base = base.replace(evals_per_epoch=evals, epochs=epochs)
-    spec = dataclasses.replace(spec, space=space, default=default,
-                               base=spec.base.replace(evals_per_epoch=evals, epochs=epochs),
-                               budget=dataclasses.replace(spec.budget, max_epochs=epochs, grace_period=grace))
-    return spec, base, fitting
+    budget = dataclasses.replace(spec.budget, grace_period=grace)
+    fitted_base = {"evals_per_epoch": evals}
+    if epochs != base.epochs:       # else kfold's --epochs stays in base only, the space's budget as it was
+        budget, fitted_base["epochs"] = dataclasses.replace(budget, max_epochs=epochs), epochs
+    spec = dataclasses.replace(spec, space=space, default=default, base=spec.base.replace(**fitted_base),
+                               budget=budget)
+    return spec, base.replace(**fitted_base), fitting
