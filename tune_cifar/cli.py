@@ -79,6 +79,17 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
                    "results/EXP/mlruns; needs the mlflow extra)")
 
 
+def add_race_flags(p: argparse.ArgumentParser, stage: str = "") -> None:
+    """Racing over the cross-validation splits (commands/kfold.py, core/racing.py)."""
+    p.add_argument("--no-race", dest="race", action="store_false",
+                   help=f"{stage}train every split of every configuration (default: race, dropping a configuration "
+                   "significantly worse than the best so far)")
+    p.add_argument("--race-min-splits", type=int, metavar="N",
+                   help=f"{stage}splits every configuration runs before the first drop (default 3; 2..k x repeats)")
+    p.add_argument("--race-alpha", type=float, default=0.05, metavar="P",
+                   help=f"{stage}drop at a Holm-adjusted one-sided p below P, in (0, 0.5] (default 0.05)")
+
+
 # The TrainConfig fields `train` takes as flags (--batch-size for batch_size, ...); more with --set.
 TRAIN_FLAGS = (("lr", float), ("optimizer", str), ("batch_size", int), ("epochs", int), ("weight_decay", float),
                ("momentum", float), ("width", int), ("resolution", int), ("label_smoothing", float),
@@ -113,6 +124,7 @@ def build_parser() -> Parser:
                    "the winner on all search images and test it once (see --k, --repeats)")
     s.add_argument("--k", type=int, default=5, help="with --cv-top: folds")
     s.add_argument("--repeats", type=int, default=1, help="with --cv-top: repeats of the K-fold split")
+    add_race_flags(s, "with --cv-top: ")
     add_data_flags(s)
     add_experiment_flags(s)
     add_ray_flags(s)
@@ -128,6 +140,7 @@ def build_parser() -> Parser:
     k.add_argument("--top", type=int, default=3, help="with --from-search: how many of its best trials")
     k.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="one explicit configuration (repeat for several keys)")
+    add_race_flags(k)
     add_data_flags(k)
     add_experiment_flags(k)
     add_ray_flags(k)
@@ -146,6 +159,7 @@ def build_parser() -> Parser:
     c.add_argument("--epochs", type=int, help="with --k: epochs per fold (default: each space's max_epochs)")
     c.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="with --k: a setting for every mode (e.g. resolution=64 on a CPU)")
+    add_race_flags(c, "with --k: ")
     add_data_flags(c)
     add_experiment_flags(c)
     add_ray_flags(c)
@@ -165,7 +179,7 @@ def build_parser() -> Parser:
     b.add_argument("--device", choices=("cpu", "cuda"))
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", type=Path, default=Path("bench.json"))
-    b.add_argument("--only", help="comma-separated scenarios: p1,p2,p3,p4,p5,cpu_budget,search_quality,rungs")
+    b.add_argument("--only", help="comma-separated scenarios: p1,p2,p3,p4,p5,cpu_budget,search_quality,rungs,racing")
     b.add_argument("--accept", action="store_true",
                    help="the acceptance set (P1-P7 and the accuracy runs) at fixed sizes per device, each part timed, "
                    "with its target and pass/fail; writes OUT.json and OUT.md")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..core.config import TrainConfig, UserError, value_from_csv
 from ..results.folders import write_json, write_text
 
-SCENARIOS = ("p1", "p2", "p3", "p4", "p5", "cpu_budget", "search_quality", "rungs")
+SCENARIOS = ("p1", "p2", "p3", "p4", "p5", "cpu_budget", "search_quality", "rungs", "racing")
 MODES = [("simple_cnn", "scratch"), ("alexnet", "scratch"), ("alexnet", "frozen"), ("alexnet", "full"),
          ("vgg16", "scratch"), ("vgg16", "frozen"), ("vgg16", "full"),
          ("resnet18", "scratch"), ("resnet18", "frozen"), ("resnet18", "full")]
@@ -755,6 +755,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"| {r['round']} | {r['epoch']:.2f} | {r['spearman_vs_final']:+.3f} | {r['median_val_acc']:.3f} |"
                   for r in results["rungs"]["per_round"]]
         lines.append("")
+    if "racing" in results:
+        from .racing import racing_markdown
+        lines += racing_markdown(results["racing"])
     for key in ("p2_p3", "p4", "p5", "cpu_budget"):
         if key in results:
             lines += [f"**{key}**: `{json.dumps(results[key])}`", ""]
@@ -803,6 +806,10 @@ def run_bench(device: str | None = None, quick: bool = False, out: Path = Path("
         results["search_quality"] = bench_search_quality(data_dir, quick, work)
     if "rungs" in chosen:
         results["rungs"] = bench_rungs(data_dir, quick, work)
+    if "racing" in chosen:
+        from .racing import bench_racing
+        results["racing"] = bench_racing(data_dir, quick, work, checkpoint=lambda r: write_json(out, {**results,
+                                                                                                     "racing": r}))
     write_json(out, results)
     write_text(Path(out).with_suffix(".md"), markdown(results))
     print(markdown(results))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import UserError
+from ..core.racing import DEFAULT_ALPHA
 from ..tuning.runner import (
     Plan,
     RunOptions,
@@ -35,7 +36,7 @@ BUDGETED_SAMPLES = 1000        # trials a --time-budget search may propose (the 
 # Flags that define a search's plan: given again on --resume, each must agree with plan.json.
 PLAN_FLAGS = ("num_samples", "max_epochs", "grace_period", "searcher", "quick", "subset", "data_dir", "weights",
               "seed", "time_budget", "max_failures", "gpus_per_trial", "cpus_per_trial", "cv_top", "k", "repeats",
-              "study_feedback")
+              "study_feedback", "race", "race_min_splits", "race_alpha")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class SearchOptions(RunOptions):
     cv_top: int | None = None          # cross-validate the N best configurations, retrain the winner, test it
     k: int = 5                         # with cv_top: folds
     repeats: int = 1                   # with cv_top: repeats of the K-fold split
+    race: bool = True                  # with cv_top: racing over the splits (kfold.KFoldOptions)
+    race_min_splits: int | None = None
+    race_alpha: float = DEFAULT_ALPHA
 
 
 def plan_search(name: str, opts: SearchOptions) -> Plan:
@@ -86,11 +90,14 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
     base, resources, data_dir = prepare_base(spec, opts, "search", **changes)
     check_batches(spec, base)
     if opts.cv_top is not None:
-        from .kfold import check_folds
+        from .kfold import check_folds, check_race_flags
         check_folds(opts.k, opts.repeats, base)
+        check_race_flags(opts, opts.k, opts.repeats)
         check_batches(spec, base, k=opts.k)
     elif (opts.k, opts.repeats) != (5, 1):
         raise UserError("--k and --repeats choose the folds of --cv-top: add --cv-top N (or use `kfold`)")
+    elif (opts.race, opts.race_min_splits, opts.race_alpha) != (True, None, DEFAULT_ALPHA):
+        raise UserError("--no-race, --race-min-splits and --race-alpha choose the racing of --cv-top: add --cv-top N")
     spec = dataclasses.replace(spec, base=base.replace(seed=opts.seed), budget=budget)
     exp = experiment_dir(opts.results_dir, opts.name or spec.name, overwrite=opts.overwrite)
     opts = dataclasses.replace(opts, data_dir=data_dir, subset=base.subset)
@@ -114,6 +121,8 @@ def resumed_plan(name: str, opts: SearchOptions) -> Plan:
     """The plan saved in plan.json, with only the flags that do not change it (address, dashboard,
     report, output) taken from this command line."""
     exp, saved, spec, opts = reopen(name, opts, find_space(name).stem, PLAN_FLAGS)
+    if "race" not in saved["options"]:      # planned before racing existed: its --cv-top stage trains every split
+        opts = dataclasses.replace(opts, race=False)
     return make_plan(spec, opts, exp, saved["resources"], saved.get("inject") or {})
 
 

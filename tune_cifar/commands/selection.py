@@ -23,6 +23,7 @@ from ..core.config import TrainConfig, UserError, value_from_csv
 from ..tuning.runner import Phases, Plan, print_phases, run
 from ..results.folders import ranked_trials, read_json, write_json, write_torch
 from .search import SEARCH_STAGE_FILE, test_once
+from .kfold import race_summary
 from ..core.spaces import SearchSpec
 
 CV_DIR = "cv"
@@ -77,6 +78,7 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
                "cv": {"k": opts.k, "repeats": opts.repeats, "top": len(shortlist), "winner": winner,
                       "mean_acc": float(best["mean_acc"]), "ci_low": float(best["ci_low"]),
                       "ci_high": float(best["ci_high"]), "table": f"{CV_DIR}/kfold.csv",
+                      **race_summary(read_json(exp / CV_DIR / "kfold_summary.json")),
                       "shortlist": shortlist_record(shortlist, table, list(spec.space))},
                "phases": phases.seconds}
     write_json(exp / "best.json", summary)

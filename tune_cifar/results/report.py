@@ -217,7 +217,8 @@ def selection_section(exp: Path, best: dict[str, Any]) -> list[str]:
             f"4. That model was tested once: **test accuracy {best['test_acc']:.4f}**.", "",
             "Single validation score against cross-validated mean (the winner's curse: the best of many noisy "
             f"scores is optimistic; here the shortlist's scores were on average {drop.mean():+.4f} above their "
-            "CV means):", "", markdown(shortlist), ""] + kfold_section(table, f"{Path(cv['table']).parent}/{img}")
+            "CV means):", "", markdown(shortlist), ""] + kfold_section(table, f"{Path(cv['table']).parent}/{img}") \
+        + race_section(exp / Path(cv["table"]).parent, table, f"{Path(cv['table']).parent}/")
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -272,13 +273,52 @@ def kfold_section(table: pd.DataFrame, img: str) -> list[str]:
             ASSUMPTION, "", markdown(shown[cols]), "", f"![k-fold]({img})", ""]
 
 
+def plot_race(exp: Path, table: pd.DataFrame) -> str:
+    """Validation accuracy per split per configuration, in the order the splits ran; a cross where
+    the race dropped a configuration, the best drawn thick."""
+    folds = [c for c in table.columns if c.startswith("fold_")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(1, len(folds) + 1)
+    best = int(table["config"].iloc[0])
+    for i, (_, row) in enumerate(table.sort_values("config").iterrows()):
+        acc = row[folds].to_numpy(dtype=float)
+        config = int(row["config"])
+        ax.plot(x, acc, marker="o", ms=3, color=f"C{i % 10}", lw=2.5 if config == best else 1,
+                label=f"config {config}" + (" (best)" if config == best else ""))
+        if pd.notna(row["dropped_after"]):
+            n = int(row["dropped_after"])
+            ax.scatter([n], [acc[n - 1]], marker="x", s=80, color=f"C{i % 10}", zorder=3)
+    ax.set_xticks(x)
+    ax.set(xlabel="split", ylabel="validation accuracy", title="racing: accuracy per split (x: dropped after it)")
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, exp / "race.png")
+
+
+def race_section(exp: Path, table: pd.DataFrame, prefix: str = "") -> list[str]:
+    """What the race saved and whom it dropped, with its plot (nothing for a kfold.csv without racing
+    columns); `prefix`: where the plot lies relative to report.md."""
+    if "dropped_after" not in table.columns:
+        return []
+    splits = len([c for c in table.columns if c.startswith("fold_")])
+    ran, full = int(table["splits_done"].sum()), splits * len(table)
+    dropped = table[table["dropped_after"].notna()].sort_values("config")
+    drops = ", ".join(f"configuration {int(r['config'])} after {int(r['dropped_after'])} splits"
+                      for _, r in dropped.iterrows())
+    img = plot_race(exp, table)
+    return ["### Racing", "", f"{ran} of {full} fold trainings ran (K x R x configurations; "
+            f"{full - ran} saved). " + (f"Dropped as significantly worse than the best so far: {drops}. "
+                                        if drops else "No configuration was dropped. ")
+            + "A dropped configuration keeps its interval and its test over the splits it ran.", "",
+            f"![racing]({prefix}{img})", ""]
+
+
 def report_kfold(exp: Path) -> Path:
     table = pd.read_csv(exp / "kfold.csv", keep_default_na=True).fillna({"reason": ""})
     img = plot_kfold(exp, table)
     spec = read_yaml(exp / "spec.yaml")
     lines = [f"# {exp.name}", "", f"Command: `{spec.get('command', '?')}`", "",
              f"Configurations of `{spec['source']}`; std is the sample standard deviation (ddof=1).", ""]
-    lines += kfold_section(table, img)
+    lines += kfold_section(table, img) + race_section(exp, table)
     return write_markdown_report(exp, "\n".join(lines))
 
 
