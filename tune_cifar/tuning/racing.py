@@ -116,9 +116,10 @@ class RacingSearcher(Searcher):
 
 def racing_tune_config(rounds: list[int], splits: int, rule: RaceRule, **tune_config: Any):
     """Tune's TuneConfig for a race: the RacingSearcher, room for every (candidate, split) trial.
-    `max_concurrent_trials` at that count limits nothing; it lets Tune queue more than one pending
-    trial at a time (a custom searcher otherwise gets one), so a cluster fills up at once."""
+    Not wrapped in a ConcurrencyLimiter (max_concurrent_trials): on restore its own saved set of live
+    trials can be older than Tune's trial list, and it passes no completion of a trial it does not
+    know on to the searcher, which would then wait for that split for ever. (Without it Tune keeps one
+    trial pending at a time for a custom searcher: a cluster fills up trial by trial.)"""
     from ray import tune
-    total = len(rounds) * splits
-    return tune.TuneConfig(search_alg=RacingSearcher(rounds, splits, rule), num_samples=total,
-                           max_concurrent_trials=total, **tune_config)
+    return tune.TuneConfig(search_alg=RacingSearcher(rounds, splits, rule), num_samples=len(rounds) * splits,
+                           **tune_config)
