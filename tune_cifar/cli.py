@@ -97,6 +97,17 @@ def add_set(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE", help=help)
 
 
+def add_race_flags(p: argparse.ArgumentParser, stage: str = "") -> None:
+    """Racing over the cross-validation splits (commands/kfold.py, core/racing.py)."""
+    p.add_argument("--no-race", dest="race", action="store_false",
+                   help=f"{stage}train every split of every configuration (default: race, dropping a configuration "
+                   "significantly worse than the best so far)")
+    p.add_argument("--race-min-splits", type=int, metavar="N",
+                   help=f"{stage}splits every configuration runs before the first drop (default 3; 2..k x repeats)")
+    p.add_argument("--race-alpha", type=float, default=0.05, metavar="P",
+                   help=f"{stage}drop at a Holm-adjusted one-sided p below P, in (0, 0.5] (default 0.05)")
+
+
 # The TrainConfig fields `train` takes as flags (--batch-size for batch_size, ...); more with --set.
 TRAIN_FLAGS = (("lr", float), ("optimizer", str), ("batch_size", int), ("epochs", int), ("weight_decay", float),
                ("momentum", float), ("width", int), ("resolution", int), ("label_smoothing", float),
@@ -132,6 +143,7 @@ def build_parser() -> Parser:
                    "the winner on all search images and test it once (see --k, --repeats)")
     s.add_argument("--k", type=int, default=5, help="with --cv-top: folds")
     s.add_argument("--repeats", type=int, default=1, help="with --cv-top: repeats of the K-fold split")
+    add_race_flags(s, "with --cv-top: ")
     add_run_flags(s)
 
     k = sub.add_parser("kfold", help="stratified K-fold cross-validation of configurations")
@@ -144,6 +156,7 @@ def build_parser() -> Parser:
     k.add_argument("--from-search", metavar="EXP", help="cross-validate the best of a finished search")
     k.add_argument("--top", type=int, default=3, help="with --from-search: how many of its best trials")
     add_set(k, "one explicit configuration (repeat for several keys)")
+    add_race_flags(k)
     add_run_flags(k)
 
     r = sub.add_parser("report", help="plots and report.md of an experiment")
@@ -159,6 +172,7 @@ def build_parser() -> Parser:
     c.add_argument("--repeats", type=int, default=1, help="with --k: repeats of the K-fold split")
     c.add_argument("--epochs", type=int, help="with --k: epochs per fold (default: each space's max_epochs)")
     add_set(c, "with --k: a setting for every mode (e.g. resolution=64 on a CPU)")
+    add_race_flags(c, "with --k: ")
     add_run_flags(c)
 
     e = sub.add_parser("export", help="export an experiment's best model")
@@ -177,7 +191,7 @@ def build_parser() -> Parser:
     b.add_argument("--quick", action="store_true", help="every part scaled down to run in minutes")
     b.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON of every number (and OUT.md)")
     b.add_argument("--only", help="comma-separated parts: p1,p4,p4c,p2,p3,p5,p6,p7,pretrained (the acceptance "
-                   "parts, run as --accept runs them) and the studies cpu_budget,search_quality,rungs")
+                   "parts, run as --accept runs them) and the studies cpu_budget,search_quality,rungs,racing")
     b.add_argument("--accept", action="store_true",
                    help="the acceptance set (P1-P7 and the accuracy runs) at fixed sizes per device, each part timed, "
                    "with its target and pass/fail; writes OUT.json and OUT.md")

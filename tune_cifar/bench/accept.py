@@ -125,6 +125,9 @@ def studies_markdown(results: dict[str, Any]) -> str:
         lines += [f"| {r['round']} | {r['epoch']:.2f} | {r['spearman_vs_final']:+.3f} | {r['median_val_acc']:.3f} |"
                   for r in results["rungs"]["per_round"]]
         lines.append("")
+    if "racing" in results:
+        from .racing import racing_markdown
+        lines += racing_markdown(results["racing"])
     if "cpu_budget" in results:
         import json
         lines += [f"**cpu_budget**: `{json.dumps(results['cpu_budget'])}`", ""]

@@ -24,7 +24,7 @@ from .accept import ORDER, parts_markdown, run_parts, studies_markdown
 from .parts import Bench
 from .sizes import SIZES, sizes_key
 
-STUDIES = ("cpu_budget", "search_quality", "rungs")
+STUDIES = ("cpu_budget", "search_quality", "rungs", "racing")
 CHOICES = (*ORDER, *STUDIES)
 
 
@@ -61,6 +61,16 @@ def small_cifar(images, folder: Path, n_train: int, n_test: int) -> str:
     with open(out / "batches.meta", "wb") as f:
         pickle.dump({"label_names": list(images.classes)}, f)
     return str(folder)
+
+
+def run_study(study: str, b: Bench, quick: bool, checkpoint) -> dict[str, Any]:
+    """One study; `checkpoint(result so far)` keeps OUT.json up to date during the long ones."""
+    if study == "cpu_budget":
+        return studies.cpu_budget(b)
+    if study == "racing":
+        from .racing import racing
+        return racing(b, quick, checkpoint)
+    return getattr(studies, study)(b, quick)
 
 
 def run_bench(cli: Callable[[list], int], device: str | None = None, quick: bool = False,
@@ -105,7 +115,7 @@ def run_bench(cli: Callable[[list], int], device: str | None = None, quick: bool
         for study in STUDIES:
             if study in chosen and not (study == "cpu_budget" and dev.type != "cpu"):
                 shared_ray()
-                results[study] = studies.cpu_budget(b) if study == "cpu_budget" else getattr(studies, study)(b, quick)
+                results[study] = run_study(study, b, quick, lambda r, s=study: write_json(out, {**results, s: r}))
     finally:
         if ray_facts is not None:
             stop_ray(ray_facts)

@@ -5,8 +5,11 @@ K x R (train, validation) splits, the same for every configuration, so configura
 split by split with the corrected resampled t-test (stats.py). The test set is never touched.
 Configurations: the space's default point, `--set key=value`, `--num-samples N` spread over the space
 by Optuna's seeded QMCSampler (Sobol), or `--from-search EXP --top N` (the N best trials of a search).
-Every (configuration, split) pair is one Ray Tune trial with the full epoch budget (no early
-stopping across splits), so they run in parallel and an interrupted run continues with --resume.
+Every (configuration, split) pair is one Ray Tune trial with the full epoch budget, so they run in
+parallel and an interrupted run continues with --resume. Racing (on by default, `--no-race` off):
+the configurations run split by split, and from split --race-min-splits on one significantly worse
+than the best so far runs no more splits (core/racing.py decides, tuning/racing.py hands out the
+trials); kfold.csv says how many splits each ran and after which it was dropped.
 """
 from __future__ import annotations
 
@@ -16,16 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import TrainConfig, UserError, value_from_csv
+from ..core.racing import DEFAULT_ALPHA, DEFAULT_MIN_SPLITS, RaceRule, race
 from ..tuning.base import prepare_base
-from ..tuning.plan import FoldTrials, Plan, RunOptions, check_flags, check_time_budget, reopen
+from ..tuning.plan import FoldTrials, Plan, RunOptions, check_flags, check_race_flags, check_time_budget, reopen
 from ..results.folders import experiment_dir, find_experiment, ranked_trials, read_json, read_yaml, write_csv
 from ..core.spaces import SearchSpec, check_value, find_space, load_space
+from ..core.stats import compare_to_best, holdout_ratio
 from ..core.trial import CANDIDATE, SPLIT, Status
 from ..data.cache import check_folds
 from ..tuning.trials import trial_rows
 
 PLAN_FLAGS = ("k", "repeats", "epochs", "num_samples", "from_search", "top", "fixed", "subset", "data_dir",
-              "weights", "seed", "time_budget", "max_failures", "gpus_per_trial", "cpus_per_trial")
+              "weights", "seed", "time_budget", "max_failures", "gpus_per_trial", "cpus_per_trial", "race",
+              "race_min_splits", "race_alpha")
 
 
 @dataclass
@@ -37,6 +43,22 @@ class KFoldOptions(RunOptions):
     from_search: str | None = None
     top: int = 3
     fixed: dict[str, Any] = field(default_factory=dict)
+    race: bool = True                          # racing over the splits (--no-race: every split of every one)
+    race_min_splits: int | None = None         # splits before the first drop (None: DEFAULT_MIN_SPLITS)
+    race_alpha: float = DEFAULT_ALPHA          # drop at a Holm-adjusted one-sided p below this
+
+
+def race_record(opts) -> dict[str, Any]:
+    """The race settings as plan.json records them (what a --resume runs with)."""
+    return {"on": bool(opts.race), "min_splits": opts.race_min_splits or DEFAULT_MIN_SPLITS,
+            "alpha": float(opts.race_alpha)}
+
+
+def race_rule(record: dict[str, Any] | None, k: int) -> RaceRule | None:
+    """The racing rule of a plan's race record; None without racing."""
+    if not record or not record["on"]:
+        return None
+    return RaceRule(min_splits=int(record["min_splits"]), alpha=float(record["alpha"]), ratio=holdout_ratio(k))
 
 
 def draw_configs(spec: SearchSpec, n: int, seed: int) -> list[dict[str, Any]]:
@@ -98,6 +120,7 @@ def plan_kfold(name: str, opts: KFoldOptions) -> Plan:
         candidates = draw_configs(spec, opts.num_samples or 1, opts.seed)
     for c in candidates:
         base.replace(**c).check("kfold configuration")
+    check_race_flags(opts, opts.k, opts.repeats)
     check_fold_batches(candidates, base, opts.k)
     exp = experiment_dir(opts.results_dir, opts.name or f"kfold_{spec.name}", overwrite=opts.overwrite)
     from ..tuning.trainable import fault_injection
@@ -149,6 +172,7 @@ def plan_modes(model: str, opts: KFoldOptions) -> Plan:
     candidates = [{k: c[k] for k in differing} for c in configs]
     base = TrainConfig.from_dict(configs[0], where=f"compare {model}")
     check_folds(opts.k, opts.repeats, base)
+    check_race_flags(opts, opts.k, opts.repeats)
     check_fold_batches(candidates, base, opts.k)
     exp = experiment_dir(opts.results_dir, opts.name or f"compare_cv_{model}", overwrite=opts.overwrite)
     from ..tuning.trainable import fault_injection
@@ -167,6 +191,8 @@ def check_fold_batches(candidates: list[dict[str, Any]], base: TrainConfig, k: i
 def resumed_plan(name: str | None, opts: KFoldOptions, default_name: str) -> Plan:
     """The plan saved in plan.json (see experiment.reopen)."""
     exp, saved, spec, opts = reopen(name, opts, default_name, PLAN_FLAGS)
+    if "race" not in saved:             # planned before racing existed: every split, as it was run
+        opts = dataclasses.replace(opts, race=False)
     return make_plan(spec, opts, TrainConfig.from_dict(saved["base"], where=str(exp / "plan.json")),
                      saved["candidates"], exp, saved["resources"], saved.get("inject") or {}, saved.get("fitting"))
 
@@ -192,10 +218,12 @@ def cross_validate(spec: SearchSpec, base: TrainConfig, candidates: list[dict[st
 def make_plan(spec: SearchSpec, opts: KFoldOptions, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
               resources: dict[str, float], inject: dict[str, Any], fitting: dict[str, Any] | None = None) -> Plan:
     """fitting: what core/fitting.py changed (plan.json keeps it beside the fitted spec and base)."""
-    return Plan(exp=exp, opts=opts, trials=FoldTrials(spec, base, candidates, opts.k, opts.repeats),
+    racing = race_record(opts)
+    rule = race_rule(racing, opts.k)
+    return Plan(exp=exp, opts=opts, trials=FoldTrials(spec, base, candidates, opts.k, opts.repeats, rule, racing),
                 resources=resources, time_budget=opts.time_budget, phase="folds", inject=inject, fitting=fitting,
                 write_results=lambda results, phases, ray_facts: write_kfold_results(
-                    exp, candidates, opts.k, opts.repeats, results, ray_facts),
+                    exp, candidates, opts.k, opts.repeats, results, ray_facts, rule, racing),
                 summary_file="kfold_summary.json")
 
 
@@ -215,22 +243,28 @@ def fold_rows(results, candidates: list[dict[str, Any]], k: int):
     return pd.DataFrame(folds).sort_values(["config", "fold"])
 
 
-def cv_table(folds, candidates: list[dict[str, Any]], k: int, repeats: int):
-    """kfold.csv: per configuration, the mean over its J = K x R splits, its 95 % interval and the
-    paired comparison with the best configuration (stats.compare_to_best)."""
+def cv_table(folds, candidates: list[dict[str, Any]], k: int, repeats: int, rule: RaceRule | None = None):
+    """kfold.csv: per configuration, the mean over its J = K x R splits (those it ran), its 95 %
+    interval and the paired comparison with the best configuration (stats.compare_to_best);
+    splits_done, and with racing dropped_after (the race replayed from the folds: core.racing.race,
+    the decision the racing searcher took). The best is one that was not dropped."""
     import pandas as pd
 
-    from ..core.stats import compare_to_best, holdout_ratio
     searched = sorted({key for c in candidates for key in c})
     splits = k * repeats
     ok = folds[folds["status"] == Status.COMPLETED.value]
     acc = (ok.pivot(index="config", columns="fold", values="accuracy").astype(float)
            .reindex(index=range(len(candidates)), columns=range(splits)))
-    stats = compare_to_best(acc, holdout_ratio(k))
+    ran = folds[folds["status"] != Status.NOT_RUN.value]
+    finished = (ran.assign(ran=True).pivot(index="config", columns="fold", values="ran")
+                .reindex(index=range(len(candidates)), columns=range(splits)).fillna(False).astype(bool))
+    dropped = race(acc, finished, rule).dropped if rule is not None else {}
+    stats = compare_to_best(acc, holdout_ratio(k), contenders=[i not in dropped for i in range(len(candidates))])
     rows = []
     for i, cand in enumerate(candidates):
         row = {"config": i, **{key: cand.get(key) for key in searched}, "k": k, "repeats": repeats,
-               "folds_ok": int(stats.loc[i, "n_splits"])}
+               "folds_ok": int(stats.loc[i, "n_splits"]), "splits_done": int(finished.loc[i].sum()),
+               "dropped_after": dropped.get(i, pd.NA)}
         row.update(stats.loc[i].drop("n_splits").to_dict())
         row.update(min_acc=acc.loc[i].min(), max_acc=acc.loc[i].max())
         row.update({f"fold_{f}": acc.loc[i, f] for f in range(splits)})
@@ -242,8 +276,11 @@ def print_cv_table(table, title: str = "") -> None:
     from ..core.stats import ASSUMPTION, standing
     searched = [c for c in table.columns if c not in CV_COLUMNS and not c.startswith("fold_")]
     shown = table.assign(verdict=table.apply(standing, axis=1))
-    cols = ["config", *[c for c in searched if c != "config"], "folds_ok", "mean_acc", "ci_low", "ci_high",
-            "diff_vs_best", "p_holm", "verdict"]
+    if "dropped_after" in shown:
+        shown["dropped_after"] = shown["dropped_after"].astype(object).where(shown["dropped_after"].notna(), "-")
+    cols = ["config", *[c for c in searched if c != "config"], "splits_done", "dropped_after", "folds_ok",
+            "mean_acc", "ci_low", "ci_high", "diff_vs_best", "p_holm", "verdict"]
+    cols = [c for c in cols if c in shown.columns]      # a kfold.csv from before racing has no race columns
     print(f"\n{title}" if title else "")
     print(shown[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-"))
     best = table.iloc[0]
@@ -258,15 +295,46 @@ def print_cv_table(table, title: str = "") -> None:
 
 
 CV_COLUMNS = {"config", "k", "repeats", "folds_ok", "mean_acc", "std_acc", "ci_low", "ci_high", "diff_vs_best",
-              "p_vs_best", "p_holm", "p_wilcoxon", "tied_with_best", "reason", "min_acc", "max_acc"}
+              "p_vs_best", "p_holm", "p_wilcoxon", "tied_with_best", "reason", "min_acc", "max_acc", "splits_done",
+              "dropped_after"}
 
 
 def write_kfold_results(exp: Path, candidates: list[dict[str, Any]], k: int, repeats: int,
-                        results, ray_facts: dict) -> dict[str, Any]:
+                        results, ray_facts: dict, rule: RaceRule | None = None,
+                        racing: dict[str, Any] | None = None) -> dict[str, Any]:
     folds = fold_rows(results, candidates, k)
     write_csv(exp / "kfold_folds.csv", folds)
-    table = cv_table(folds, candidates, k, repeats)
+    table = cv_table(folds, candidates, k, repeats, rule)
     write_csv(exp / "kfold.csv", table)
     print_cv_table(table)
+    counts = fold_trainings(table, k * repeats)
+    print(trainings_line(counts))
     return {"ray": ray_facts, "k": k, "repeats": repeats, "configurations": len(candidates),
-            "best_configuration": int(table.iloc[0]["config"])}
+            "best_configuration": int(table.iloc[0]["config"]), "race": racing, **counts}
+
+
+def fold_trainings(table, splits: int) -> dict[str, Any]:
+    """How many fold trainings ran against the full J x configurations, and who was dropped when."""
+    ran = int(table["splits_done"].sum())
+    full = splits * len(table)
+    import pandas as pd
+    dropped = {int(r["config"]): int(r["dropped_after"]) for _, r in table.iterrows() if pd.notna(r["dropped_after"])}
+    return {"fold_trainings": ran, "fold_trainings_full": full, "fold_trainings_saved": full - ran,
+            "dropped_after": dropped}
+
+
+RACE_KEYS = ("race", "fold_trainings", "fold_trainings_full", "fold_trainings_saved", "dropped_after")
+
+
+def race_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The race's part of a kfold_summary.json (for best.json of search --cv-top)."""
+    return {key: summary[key] for key in RACE_KEYS if key in summary}
+
+
+def trainings_line(counts: dict[str, Any]) -> str:
+    """One line: fold trainings run of the full count, and the drops."""
+    saved = counts["fold_trainings_saved"]
+    share = f" ({100 * saved / counts['fold_trainings_full']:.0f} % saved)" if counts["fold_trainings_full"] else ""
+    drops = ", ".join(f"config {c} after {n} splits" for c, n in sorted(counts["dropped_after"].items()))
+    return (f"fold trainings: {counts['fold_trainings']} of {counts['fold_trainings_full']} (K x R x configurations)"
+            f"{share}" + (f"; dropped by the race: {drops}" if drops else ""))

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import UserError
+from ..core.racing import DEFAULT_ALPHA
 from ..tuning.base import prepare_base
-from ..tuning.plan import Plan, RunOptions, SearchTrials, check_flags, check_time_budget, reopen
+from ..tuning.plan import Plan, RunOptions, SearchTrials, check_flags, check_race_flags, check_time_budget, reopen
 from ..results.folders import experiment_dir, ranked_trials, write_csv, write_json
 from ..results.tested import test_once
 from ..core.spaces import SearchSpec, check_budget, check_rungs, find_space, load_space
@@ -28,7 +29,7 @@ BUDGETED_SAMPLES = 1000        # trials a --time-budget search may propose (the 
 # Flags that define a search's plan: given again on --resume, each must agree with plan.json.
 PLAN_FLAGS = ("num_samples", "max_epochs", "grace_period", "searcher", "quick", "subset", "data_dir", "weights",
               "seed", "time_budget", "max_failures", "gpus_per_trial", "cpus_per_trial", "cv_top", "k", "repeats",
-              "study_feedback")
+              "study_feedback", "race", "race_min_splits", "race_alpha")
 
 
 @dataclass
@@ -42,6 +43,9 @@ class SearchOptions(RunOptions):
     cv_top: int | None = None          # cross-validate the N best configurations, retrain the winner, test it
     k: int = 5                         # with cv_top: folds
     repeats: int = 1                   # with cv_top: repeats of the K-fold split
+    race: bool = True                  # with cv_top: racing over the splits (kfold.KFoldOptions)
+    race_min_splits: int | None = None
+    race_alpha: float = DEFAULT_ALPHA
 
 
 def plan_search(name: str, opts: SearchOptions) -> Plan:
@@ -79,8 +83,11 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
     if opts.cv_top is not None:
         from ..data.cache import check_folds
         check_folds(opts.k, opts.repeats, base)
+        check_race_flags(opts, opts.k, opts.repeats)
     elif (opts.k, opts.repeats) != (5, 1):
         raise UserError("--k and --repeats choose the folds of --cv-top: add --cv-top N (or use `kfold`)")
+    elif (opts.race, opts.race_min_splits, opts.race_alpha) != (True, None, DEFAULT_ALPHA):
+        raise UserError("--no-race, --race-min-splits and --race-alpha choose the racing of --cv-top: add --cv-top N")
     spec, base, fitting = fit_search(dataclasses.replace(spec, budget=budget), base, opts)
     check_rungs(spec.budget, base.evals_per_epoch, "--")
     check_batches(spec, base)
@@ -121,6 +128,8 @@ def resumed_plan(name: str, opts: SearchOptions) -> Plan:
     """The plan saved in plan.json, with only the flags that do not change it (address, dashboard,
     report, output) taken from this command line."""
     exp, saved, spec, opts = reopen(name, opts, find_space(name).stem, PLAN_FLAGS)
+    if "race" not in saved["options"]:      # planned before racing existed: its --cv-top stage trains every split
+        opts = dataclasses.replace(opts, race=False)
     return make_plan(spec, opts, exp, saved["resources"], saved.get("inject") or {}, saved.get("fitting"))
 
 

@@ -25,6 +25,7 @@ from ..tuning.runner import print_phases, run
 from ..results.folders import ranked_trials, read_json, write_json, write_torch
 from ..results.tested import test_once
 from .search import SEARCH_STAGE_FILE
+from .kfold import race_summary
 from ..core.spaces import SearchSpec
 
 CV_DIR = "cv"
@@ -79,6 +80,7 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
                "cv": {"k": opts.k, "repeats": opts.repeats, "top": len(shortlist), "winner": winner,
                       "mean_acc": float(best["mean_acc"]), "ci_low": float(best["ci_low"]),
                       "ci_high": float(best["ci_high"]), "table": f"{CV_DIR}/kfold.csv",
+                      **race_summary(read_json(exp / CV_DIR / "kfold_summary.json")),
                       "shortlist": shortlist_record(shortlist, table, list(spec.space))},
                "phases": phases.seconds}
     write_json(exp / "best.json", summary)
@@ -109,8 +111,9 @@ def cross_validate_shortlist(plan: Plan, spec: SearchSpec, candidates: list[dict
     --time-budget bounds the search stage only) and the search's fitting to the data; returns kfold.csv."""
     from .kfold import KFoldOptions, cross_validate
     shared = {f.name: getattr(plan.opts, f.name) for f in dataclasses.fields(RunOptions)}
-    cv_opts = KFoldOptions(**{**shared, "time_budget": None, "started": time.time()},
-                           k=plan.opts.k, repeats=plan.opts.repeats)
+    o = plan.opts
+    cv_opts = KFoldOptions(**{**shared, "time_budget": None, "started": time.time()}, k=o.k, repeats=o.repeats,
+                           race=o.race, race_min_splits=o.race_min_splits, race_alpha=o.race_alpha)
     return cross_validate(spec, spec.base.replace(patience=0), candidates, plan.exp / CV_DIR, cv_opts,
                           plan.resources, plan.inject, plan.fitting)
 

@@ -131,7 +131,8 @@ def _fold_word(n: int) -> str:
 
 
 def compare_to_best(accuracies: pd.DataFrame, test_train_ratio: float, alpha: float = 0.05,
-                    min_splits_for_wilcoxon: int = 6, confidence: float = 0.95) -> pd.DataFrame:
+                    min_splits_for_wilcoxon: int = 6, confidence: float = 0.95,
+                    contenders: Sequence[bool] | None = None) -> pd.DataFrame:
     """Compare every configuration (row) with the best one over the same splits (columns).
 
     `accuracies`: index = configuration id, one column per split, NaN where that split failed.
@@ -140,6 +141,9 @@ def compare_to_best(accuracies: pd.DataFrame, test_train_ratio: float, alpha: fl
     tied_with_best and reason. The best is the highest mean among configurations with >= 2
     successful splits (if none has 2, the highest mean, and nobody gets p-values).
     Configurations with < 2 successful splits get NaN statistics and a reason, never an error.
+    `contenders` (one bool per row): only these may be the best (a race's survivors: a candidate
+    dropped early keeps its interval and its test against the best, but cannot win); when none of
+    them qualifies, every row may.
     """
     acc = accuracies.astype(float)
     values = acc.to_numpy()
@@ -171,7 +175,9 @@ def compare_to_best(accuracies: pd.DataFrame, test_train_ratio: float, alpha: fl
         eligible = np.isfinite(means)
     if eligible.any():
         # First occurrence wins on equal means, so the choice is deterministic in the input order.
-        best = int(np.flatnonzero(eligible)[np.argmax(means[eligible])])
+        pick = eligible if contenders is None else eligible & np.asarray(contenders, dtype=bool)
+        pick = pick if pick.any() else eligible
+        best = int(np.flatnonzero(pick)[np.argmax(means[pick])])
         out.iloc[best, out.columns.get_loc("tied_with_best")] = True
         out.iloc[best, out.columns.get_loc("diff_vs_best")] = 0.0
         compared: list[int] = []

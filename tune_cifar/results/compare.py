@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from .folders import find_experiment, read_json, write_csv, write_text
-from .report import markdown, overfitting_gap, save_figure
+from .pages import markdown, save_figure
+from .report import overfitting_gap
 
 MODES = ("scratch", "frozen", "full")
 

@@ -90,6 +90,8 @@ class FoldTrials:
     candidates: list[dict[str, Any]]
     k: int
     repeats: int = 1
+    rule: Any = None                   # core.racing.RaceRule: race over the splits; None: every split
+    race: dict[str, Any] | None = None         # the race settings as plan.json records them
     kind = "kfold"
 
     def searched(self) -> list[str]:
@@ -97,7 +99,7 @@ class FoldTrials:
 
     def record(self) -> dict[str, Any]:
         return {"kind": self.kind, "spec": self.spec.to_dict(), "base": self.base.to_dict(),
-                "candidates": self.candidates, "k": self.k, "repeats": self.repeats}
+                "candidates": self.candidates, "k": self.k, "repeats": self.repeats, "race": self.race}
 
 
 @dataclass
@@ -129,7 +131,7 @@ class Plan:
         if isinstance(t, SearchTrials):
             return t.spec.to_dict()
         return {"kind": t.kind, "k": t.k, "repeats": t.repeats, **t.spec.to_dict(), "base": t.base.to_dict(),
-                "candidates": t.candidates}
+                "candidates": t.candidates, "race": t.race}
 
 
 # The rules of the command-line numbers the commands check, in one form (as TrainConfig's RULES):
@@ -197,6 +199,14 @@ def check_flags_agree(opts: RunOptions, saved: dict[str, Any], keys: tuple[str, 
             flag = "--" + key.replace("_", "-")
             raise UserError(f"--resume: {flag} {given} contradicts the saved plan of {exp} ({key}={saved[key]}); "
                             "leave it out to continue as planned")
+
+
+def check_race_flags(opts, k: int, repeats: int) -> None:
+    """--race-alpha in (0, 0.5], --race-min-splits in [2, J]: else a UserError naming the flag."""
+    from ..core.racing import check_race
+    problems = check_race(opts.race_min_splits, opts.race_alpha, k * repeats)
+    if problems:
+        raise UserError(problems[0])
 
 
 def time_reserve(time_budget: float) -> float:

@@ -25,7 +25,7 @@ def make_tuner(plan: "Plan", trainable, time_budget_s: float | None):
     if plan.kind == "search":
         param_space, tune_config, callbacks = search_setup(plan, plan.trials)
     else:
-        param_space, tune_config, callbacks = fold_setup(plan.trials), {}, []
+        param_space, tune_config, callbacks = *fold_setup(plan.trials), []
     if plan.inject:
         param_space["_inject"] = plan.inject
     return tune.Tuner(
@@ -67,13 +67,22 @@ def search_setup(plan: "Plan", trials: "SearchTrials") -> tuple[dict[str, Any], 
     return constants, tune_config, search_callbacks(search_alg)
 
 
-def fold_setup(trials: "FoldTrials") -> dict[str, Any]:
-    """param_space for every (candidate, split) pair: a grid over both."""
+def fold_setup(trials: "FoldTrials") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(param_space, TuneConfig settings) of a cross-validation: without racing a grid over every
+    (candidate, split) pair; with a race rule the racing searcher (racing.py), which hands the pairs
+    out split by split."""
     from ray import tune
+
+    from .trials import max_rounds
     space: dict[str, Any] = {**trials.base.to_dict(), **fold_config(trials.candidates, trials.k, trials.repeats)}
+    splits = trials.k * trials.repeats
+    if trials.rule is not None:
+        from .racing import race_settings
+        rounds = [max_rounds({**space, CANDIDATE: i}) for i in range(len(trials.candidates))]
+        return space, race_settings(rounds, splits, trials.rule)
     space.update({CANDIDATE: tune.grid_search(list(range(len(trials.candidates)))),
-                  SPLIT: tune.grid_search(list(range(trials.k * trials.repeats)))})
-    return space
+                  SPLIT: tune.grid_search(list(range(splits)))})
+    return space, {}
 
 
 def run_config(exp: Path, opts: "RunOptions", callbacks: list | tuple = ()):
