@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..core.config import TrainConfig, UserError, value_from_csv
 from ..results.folders import write_json, write_text
 
-SCENARIOS = ("p1", "p2", "p3", "p4", "p5", "cpu_budget", "search_quality", "rungs")
+SCENARIOS = ("p1", "p2", "p3", "p4", "p5", "cpu_budget", "search_quality", "rungs", "final_model")
 MODES = [("simple_cnn", "scratch"), ("alexnet", "scratch"), ("alexnet", "frozen"), ("alexnet", "full"),
          ("vgg16", "scratch"), ("vgg16", "frozen"), ("vgg16", "full"),
          ("resnet18", "scratch"), ("resnet18", "frozen"), ("resnet18", "full")]
@@ -755,6 +755,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"| {r['round']} | {r['epoch']:.2f} | {r['spearman_vs_final']:+.3f} | {r['median_val_acc']:.3f} |"
                   for r in results["rungs"]["per_round"]]
         lines.append("")
+    if "final_model" in results:
+        from .final_model import markdown as final_model_markdown
+        lines += final_model_markdown(results["final_model"])
     for key in ("p2_p3", "p4", "p5", "cpu_budget"):
         if key in results:
             lines += [f"**{key}**: `{json.dumps(results[key])}`", ""]
@@ -762,7 +765,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def run_bench(device: str | None = None, quick: bool = False, out: Path = Path("bench.json"),
-              only: str | None = None, data_dir: str | None = None, accept: bool = False) -> dict[str, Any]:
+              only: str | None = None, data_dir: str | None = None, accept: bool = False,
+              work_dir: Path | None = None) -> dict[str, Any]:
     from ..data.sources import load_images
     from ..data.readers import synthetic_images
     from ..data.store import device_of
@@ -781,7 +785,9 @@ def run_bench(device: str | None = None, quick: bool = False, out: Path = Path("
             cifar = synthetic_images()            # P1 needs only same-shape data
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "device": device_name(dev),
                                "torch": torch.__version__, "quick": quick, "data": cifar.source}
-    work = Path(tempfile.mkdtemp(prefix="tune_cifar_bench_"))
+    # --work-dir: the experiments stay there, and a later run reuses the ones that finished
+    work = Path(work_dir).resolve() if work_dir else Path(tempfile.mkdtemp(prefix="tune_cifar_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
     if accept:
         results["accept"] = run_accept(dev, quick, data_dir, work, cifar)
         write_json(out, results)
@@ -803,6 +809,9 @@ def run_bench(device: str | None = None, quick: bool = False, out: Path = Path("
         results["search_quality"] = bench_search_quality(data_dir, quick, work)
     if "rungs" in chosen:
         results["rungs"] = bench_rungs(data_dir, quick, work)
+    if "final_model" in chosen:
+        from .final_model import bench_final_model
+        results["final_model"] = bench_final_model(data_dir, quick, work)
     write_json(out, results)
     write_text(Path(out).with_suffix(".md"), markdown(results))
     print(markdown(results))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..core.config import UserError
 from ..tuning.runner import (
@@ -35,7 +35,7 @@ BUDGETED_SAMPLES = 1000        # trials a --time-budget search may propose (the 
 # Flags that define a search's plan: given again on --resume, each must agree with plan.json.
 PLAN_FLAGS = ("num_samples", "max_epochs", "grace_period", "searcher", "quick", "subset", "data_dir", "weights",
               "seed", "time_budget", "max_failures", "gpus_per_trial", "cpus_per_trial", "cv_top", "k", "repeats",
-              "study_feedback")
+              "study_feedback", "final", "tta")
 
 
 @dataclass
@@ -49,10 +49,14 @@ class SearchOptions(RunOptions):
     cv_top: int | None = None          # cross-validate the N best configurations, retrain the winner, test it
     k: int = 5                         # with cv_top: folds
     repeats: int = 1                   # with cv_top: repeats of the K-fold split
+    final: str | None = None           # with cv_top: retrain | bagging (None: the default, final_stage.resolved)
+    tta: str | None = None             # none | flip: test-time augmentation of the final model
 
 
 def plan_search(name: str, opts: SearchOptions) -> Plan:
     """Every check, before anything is written or started."""
+    from ..core.finals import check_final
+    check_final(opts.final, opts.tta, opts.cv_top, cv_top_known=not opts.resume)   # on --resume: in plan.json
     if opts.resume:
         return resumed_plan(name, opts)
     spec = load_space(name)
@@ -93,7 +97,7 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
         raise UserError("--k and --repeats choose the folds of --cv-top: add --cv-top N (or use `kfold`)")
     spec = dataclasses.replace(spec, base=base.replace(seed=opts.seed), budget=budget)
     exp = experiment_dir(opts.results_dir, opts.name or spec.name, overwrite=opts.overwrite)
-    opts = dataclasses.replace(opts, data_dir=data_dir, subset=base.subset)
+    opts = final_options(dataclasses.replace(opts, data_dir=data_dir, subset=base.subset), exp)
     from ..tuning.trainable import fault_injection
     return make_plan(spec, opts, exp, resources, fault_injection())
 
@@ -114,7 +118,18 @@ def resumed_plan(name: str, opts: SearchOptions) -> Plan:
     """The plan saved in plan.json, with only the flags that do not change it (address, dashboard,
     report, output) taken from this command line."""
     exp, saved, spec, opts = reopen(name, opts, find_space(name).stem, PLAN_FLAGS)
+    opts = final_options(opts, exp, legacy=not {"final", "tta"} <= set(saved["options"]))
     return make_plan(spec, opts, exp, saved["resources"], saved.get("inject") or {})
+
+
+def final_options(opts: SearchOptions, exp: Path, legacy: bool = False) -> SearchOptions:
+    """The options with --final / --tta resolved (the defaults filled in) as plan.json records them;
+    `legacy`: a plan from before these flags. Bagging needs the CV stage's trial folders here."""
+    from ..tuning.runner import tune_path
+    from .final_stage import check_bagging_storage, resolved
+    final, tta = resolved(opts.final, opts.tta, opts.cv_top, legacy=legacy)
+    check_bagging_storage(final, tune_path(exp, opts.ray))
+    return dataclasses.replace(opts, final=final, tta=tta)
 
 
 def make_plan(spec: SearchSpec, opts: SearchOptions, exp: Path, resources: dict[str, float],
@@ -126,7 +141,7 @@ def make_plan(spec: SearchSpec, opts: SearchOptions, exp: Path, resources: dict[
                 resources=resources, time_budget=spec.budget.time_budget_s, phase="search",
                 make_tuner=lambda trainable, seconds: make_tuner(spec, opts, exp, inject, trainable, seconds),
                 write_results=lambda results, phases, ray_facts: write_search_results(
-                    spec, exp, resources, results, phases, ray_facts, test=opts.cv_top is None),
+                    spec, exp, resources, results, phases, ray_facts, test=opts.cv_top is None, tta=opts.tta),
                 # with --cv-top the search is only the first stage: selection.py writes best.json
                 summary_file="best.json" if opts.cv_top is None else SEARCH_STAGE_FILE)
 
@@ -165,7 +180,7 @@ def make_tuner(spec: SearchSpec, opts: SearchOptions, exp: Path, inject: dict[st
 
 
 def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float], results, phases,
-                         ray_facts: dict, test: bool = True) -> dict[str, Any]:
+                         ray_facts: dict, test: bool = True, tta: str = "none") -> dict[str, Any]:
     """trials.csv and history.csv; then, unless a cross-validation stage follows (test=False), the
     best trial's model tested once: best_model.pt, test_predictions.json, best.json."""
     import pandas as pd
@@ -194,7 +209,7 @@ def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float
     cfg = spec.base.replace(**params)
     with best_result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    summary.update(test_once(exp, cfg, state=state))
+    summary.update(test_once(exp, cfg, state=state, tta=tta))
     phases.done("test")
     summary.update(selected_by="validation", phases=phases.seconds)
     write_json(exp / "best.json", summary)
@@ -202,23 +217,30 @@ def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float
     return summary
 
 
-def test_once(exp: Path, cfg, state: dict[str, Any] | None = None, model=None) -> dict[str, Any]:
-    """The experiment's one look at the test set: the chosen model (`model`, or rebuilt from a trial's
-    checkpoint `state`) evaluated once; writes best_model.pt and test_predictions.json."""
+def test_once(exp: Path, cfg, state: dict[str, Any] | None = None, model=None, kind: str = "best_trial",
+              tta: str = "none", members: Callable[[int], list] | None = None) -> dict[str, Any]:
+    """The experiment's one look at the test set: the final model (training/final.py) of `kind` with
+    test-time augmentation `tta` evaluated once, its members `members(num_classes)`, else the one
+    `model`, or the one rebuilt from a trial's checkpoint `state`; writes best_model.pt (the final
+    predictor) and test_predictions.json."""
     from ..data.cache import device_data
+    from ..training.final import FinalModel, Member
     from ..training.fit import evaluate_test, model_from_state
 
     data = device_data(cfg.replace(threads=None, device="auto"))
-    if model is None:
-        model = model_from_state(cfg, state, len(data.classes))
-    metrics = evaluate_test(model, cfg.replace(device="auto"), data)
-    write_torch(exp / "best_model.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
-                                        "classes": list(data.classes)})
+    if members is not None:
+        chosen = members(len(data.classes))
+    else:
+        chosen = [Member(cfg, model if model is not None else model_from_state(cfg, state, len(data.classes)))]
+    final = FinalModel(kind, tta or "none", chosen)
+    metrics = evaluate_test(final.predictor(), cfg.replace(device="auto"), data)
+    write_torch(exp / "best_model.pt", final.record(list(data.classes)))
     write_json(exp / "test_predictions.json", {"predictions": metrics.pop("predictions"),
                                                "labels": data.test.y.cpu().tolist(), "classes": list(data.classes)})
     return {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"], "config": cfg.to_dict(),
             "classes": list(data.classes), "test_source": data.test_source, "checkpoint": "best_model.pt",
-            "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
+            "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"],
+            "final": final.summary()}
 
 
 def print_summary(trials, summary: dict[str, Any], searched: list[str]) -> None:

@@ -23,6 +23,7 @@ from markdown.extensions import Extension
 from markdown.treeprocessors import Treeprocessor
 
 from ..core.config import UserError
+from ..core.finals import final_line
 from .folders import ranked_trials, read_json, read_yaml, write_csv, write_png, write_text
 
 TOP_CURVES = 4
@@ -182,6 +183,7 @@ def write_report(exp: Path) -> Path:
              f"| best trial | {best['best_trial']} |",
              f"| validation accuracy | {best['val_acc']:.4f} |",
              f"| **test accuracy** | **{best['test_acc']:.4f}** |",
+             f"| final model (tested once) | {final_line(final_of(best))} |",
              f"| epochs trained | {best['epochs']:g} |",
              f"| trained in | {best.get('precision_used') or 'not recorded'} "
              f"(precision: {cfg.get('precision', 'auto')}) |",
@@ -213,11 +215,19 @@ def selection_section(exp: Path, best: dict[str, Any]) -> list[str]:
             f"1. The search ranked {best['trials']} trials by one validation score each. "
             f"2. The {cv['top']} best were cross-validated ({cv['k']}-fold x {cv['repeats']}) on the same images. "
             f"3. The configuration with the highest CV mean (configuration {cv['winner']}, search trial "
-            f"{best['best_trial']}) was retrained on all of them for {best['epochs']:g} epochs. "
-            f"4. That model was tested once: **test accuracy {best['test_acc']:.4f}**.", "",
+            f"{best['best_trial']}) became the final model: {final_line(final_of(best))}"
+            + (f", {best['epochs']:g} epochs on all of them. " if final_of(best)["kind"] == "retrain" else ". ")
+            + f"4. That model was tested once: **test accuracy {best['test_acc']:.4f}**.", "",
             "Single validation score against cross-validated mean (the winner's curse: the best of many noisy "
             f"scores is optimistic; here the shortlist's scores were on average {drop.mean():+.4f} above their "
             "CV means):", "", markdown(shortlist), ""] + kfold_section(table, f"{Path(cv['table']).parent}/{img}")
+
+
+def final_of(best: dict[str, Any]) -> dict[str, Any]:
+    """best.json's final model; one from before `final` was recorded: the retrained winner of --cv-top,
+    else the best trial, without TTA."""
+    return best.get("final") or {"kind": "retrain" if best.get("selected_by") == "cv" else "best_trial",
+                                 "tta": "none", "n_members": 1}
 
 
 def markdown(df: pd.DataFrame) -> str:

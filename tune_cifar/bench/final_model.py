@@ -1,0 +1,120 @@
+"""`bench --only final_model`: which final model of `search --cv-top` tests best?
+
+`search simple_cnn --quick --cv-top 3 --k 5` once per seed, then four final models of it, each its
+own experiment tested once: retrain (the winner retrained on the whole pool: the old default),
+bagging (the winner's 5 split models of the cross-validation, softmax averaged), and each of the
+two with flip test-time augmentation. The search and cross-validation stages of one seed are run
+once (the retrain + no-TTA experiment) and its folder copied before the final stage for the other
+three (same seed = same search and CV; retrain + flip reuses the finished retrain.pt, the same
+model); each copy then runs its final stage and its one test through `--resume`. Test accuracy
+mean +- std per variant and a paired t-test by seed (scipy.stats.ttest_rel) of each against
+retrain without TTA.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..results.folders import read_json, write_json
+
+VARIANTS = {"retrain_none": ("retrain", "none"), "retrain_flip": ("retrain", "flip"),
+            "bagging_none": ("bagging", "none"), "bagging_flip": ("bagging", "flip")}
+BASELINE = "retrain_none"
+# the final stage's files: a copy made before it has none of them (bagging needs no retrain.pt either)
+FINAL_FILES = ("best.json", "test.json", "best_model.pt", "test_predictions.json", "report.md", "report.html")
+
+
+def search_args(data_dir: str | None, name: str, seed: int, final: str | None, tta: str | None) -> list[str]:
+    """The command line of one experiment (spec.yaml records it); without final: --resume."""
+    args = ["search", "simple_cnn", "--quick", "--cv-top", "3", "--k", "5", "--seed", str(seed), "--name", name,
+            "--no-report", "--no-tensorboard"]
+    args += ["--data-dir", data_dir] if data_dir else []
+    return args + (["--final", final, "--tta", tta] if final else ["--resume"])
+
+
+def run_search(data_dir: str | None, work: Path, name: str, seed: int, final: str | None = None,
+               tta: str | None = None) -> dict[str, Any]:
+    """`search simple_cnn --quick --cv-top 3 --k 5` in this process; with final=None it is resumed
+    (a finished experiment is only read back)."""
+    from ..commands.search import SearchOptions, plan_search
+    from ..commands.selection import run_selection
+    from ..results.folders import command_line
+    opts = SearchOptions(results_dir=work, name=name, data_dir=data_dir, quick=True, cv_top=3, k=5, seed=seed,
+                         final=final, tta=tta, resume=final is None, tensorboard=False,
+                         command=command_line(search_args(data_dir, name, seed, final, tta)))
+    return run_selection(plan_search("simple_cnn", opts))
+
+
+def copy_before_final(base: Path, dest: Path, final: str, tta: str) -> None:
+    """The base experiment up to its cross-validation, as a new experiment whose plan declares
+    `final` and `tta` (its final stage not run yet)."""
+    skip = set(FINAL_FILES) | ({"retrain.pt"} if final == "bagging" else set())
+    shutil.copytree(base, dest, ignore=lambda folder, names: [n for n in names if Path(folder) == base and n in skip])
+    plan = read_json(dest / "plan.json")
+    plan["options"].update(final=final, tta=tta, name=dest.name)
+    write_json(dest / "plan.json", plan)
+
+
+def bench_final_model(data_dir: str | None, quick: bool, work: Path) -> dict[str, Any]:
+    from scipy import stats
+    seeds = [0] if quick else [0, 1, 2]
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    for seed in seeds:
+        base = work / f"seed{seed}_{BASELINE}"
+        t0 = time.time()
+        if (base / "best.json").exists() or (base / "plan.json").exists():
+            run_search(data_dir, work, base.name, seed)            # finished (or interrupted): --resume
+        else:
+            run_search(data_dir, work, base.name, seed, *VARIANTS[BASELINE])
+        base_wall = time.time() - t0
+        for variant, (final, tta) in VARIANTS.items():
+            exp = work / f"seed{seed}_{variant}"
+            t0 = time.time()
+            if variant != BASELINE:
+                if not exp.exists():
+                    copy_before_final(base, exp, final, tta)
+                run_search(data_dir, work, exp.name, seed)
+            best = read_json(exp / "best.json")
+            phases = best.get("phases", {})
+            runs[variant].append({
+                "seed": seed, "experiment": str(exp), "test_acc": best["test_acc"], "test_loss": best.get("test_loss"),
+                "cv_mean_acc": best["cv"]["mean_acc"], "cv_winner": best["cv"]["winner"],
+                "final": best.get("final") or {"kind": "retrain", "tta": "none", "n_members": 1},
+                # the final stage's own time: retrain (retrain variants) + the one test
+                "final_stage_s": round(phases.get("retrain", 0.0) + phases.get("test", 0.0), 1),
+                "wall_s_this_run": round(time.time() - t0 if variant != BASELINE else base_wall, 1),
+                "experiment_wall_s": best.get("wall_s")})
+        print("final_model seed {}: ".format(seed) + ", ".join(f"{v} {r[-1]['test_acc']:.4f}" for v, r in runs.items()),
+              flush=True)
+    table: dict[str, Any] = {}
+    base_acc = [r["test_acc"] for r in runs[BASELINE]]
+    for variant, rs in runs.items():
+        acc = [r["test_acc"] for r in rs]
+        row: dict[str, Any] = {"test_acc": {"mean": float(np.mean(acc)),
+                                            "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None},
+                               "diff_vs_retrain_none": float(np.mean(np.subtract(acc, base_acc)))}
+        if variant != BASELINE and len(acc) > 1:
+            row["p_vs_retrain_none"] = float(stats.ttest_rel(acc, base_acc).pvalue)
+        table[variant] = row
+    winner = max(table, key=lambda v: table[v]["test_acc"]["mean"])
+    return {"command": "python -m tune_cifar " + " ".join(search_args(data_dir, "NAME", 0, "FINAL", "TTA")),
+            "seeds": seeds, "runs": runs, "table": table, "winner": winner,
+            "note": "search and CV once per seed (the retrain_none experiment), its folder copied before the final "
+                    "stage for each other variant; retrain_flip reuses the finished retrain.pt"}
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    lines = [f"final model of `search simple_cnn --quick --cv-top 3 --k 5`, seeds {result['seeds']}", "",
+             "| final model | TTA | test acc (mean +- std) | vs retrain, no TTA | p (paired t-test by seed) |",
+             "|---" * 5 + "|"]
+    for variant, row in result["table"].items():
+        final, tta = VARIANTS[variant]
+        m, sd = row["test_acc"]["mean"], row["test_acc"]["std"]
+        p = row.get("p_vs_retrain_none")
+        lines.append(f"| {final} | {tta} | {m:.4f}" + (f" +- {sd:.4f}" if sd is not None else "")
+                     + f" | {100 * row['diff_vs_retrain_none']:+.2f} points | {'' if p is None else f'{p:.3g}'} |")
+    return lines + ["", f"winner: {result['winner']}", ""]
