@@ -24,28 +24,38 @@ from ..results.folders import read_json, write_json
 VARIANTS = {"retrain_none": ("retrain", "none"), "retrain_flip": ("retrain", "flip"),
             "bagging_none": ("bagging", "none"), "bagging_flip": ("bagging", "flip")}
 BASELINE = "retrain_none"
+# How big it runs. full: the issue's command as it is (a few minutes per seed on an idle 2-core CPU, an
+# hour and more when the machine is shared); quick (bench --quick): the same stages on 2,000 training
+# images, 3 trials of up to 2 epochs, and a copy of CIFAR-10 with the first 2,000 test images.
+SIZES = {"full": {"flags": {}, "test_images": None, "seeds": [0, 1, 2]},
+         "quick": {"flags": {"subset": 2000, "max_epochs": 2, "num_samples": 3}, "test_images": 2000,
+                   "seeds": [0, 1, 2]}}
+SMALL_TRAIN = 10_000      # training images of the quick copy (the subset is drawn from them)
 # the final stage's files: a copy made before it has none of them (bagging needs no retrain.pt either)
 FINAL_FILES = ("best.json", "test.json", "best_model.pt", "test_predictions.json", "report.md", "report.html")
 
 
-def search_args(data_dir: str | None, name: str, seed: int, final: str | None, tta: str | None) -> list[str]:
+def search_args(data_dir: str | None, name: str, seed: int, final: str | None, tta: str | None,
+                flags: dict[str, Any]) -> list[str]:
     """The command line of one experiment (spec.yaml records it); without final: --resume."""
     args = ["search", "simple_cnn", "--quick", "--cv-top", "3", "--k", "5", "--seed", str(seed), "--name", name,
             "--no-report", "--no-tensorboard"]
+    for key, value in flags.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
     args += ["--data-dir", data_dir] if data_dir else []
     return args + (["--final", final, "--tta", tta] if final else ["--resume"])
 
 
-def run_search(data_dir: str | None, work: Path, name: str, seed: int, final: str | None = None,
-               tta: str | None = None) -> dict[str, Any]:
+def run_search(data_dir: str | None, work: Path, name: str, seed: int, flags: dict[str, Any],
+               final: str | None = None, tta: str | None = None) -> dict[str, Any]:
     """`search simple_cnn --quick --cv-top 3 --k 5` in this process; with final=None it is resumed
     (a finished experiment is only read back)."""
     from ..commands.search import SearchOptions, plan_search
     from ..commands.selection import run_selection
     from ..results.folders import command_line
     opts = SearchOptions(results_dir=work, name=name, data_dir=data_dir, quick=True, cv_top=3, k=5, seed=seed,
-                         final=final, tta=tta, resume=final is None, tensorboard=False,
-                         command=command_line(search_args(data_dir, name, seed, final, tta)))
+                         final=final, tta=tta, resume=final is None, tensorboard=False, **flags,
+                         command=command_line(search_args(data_dir, name, seed, final, tta, flags)))
     return run_selection(plan_search("simple_cnn", opts))
 
 
@@ -59,17 +69,29 @@ def copy_before_final(base: Path, dest: Path, final: str, tta: str) -> None:
     write_json(dest / "plan.json", plan)
 
 
-def bench_final_model(data_dir: str | None, quick: bool, work: Path) -> dict[str, Any]:
+def bench_final_model(data_dir: str | None, quick: bool, work: Path, cifar=None,
+                      seeds: list[int] | None = None) -> dict[str, Any]:
+    """`cifar`: the loaded data set (for the quick copy); `seeds`: a part of the size's seeds (runs
+    of single seeds in parallel share `work`, and a last run over all of them reads them back)."""
     from scipy import stats
-    seeds = [0] if quick else [0, 1, 2]
+    size = SIZES["quick" if quick else "full"]
+    flags, seeds = size["flags"], seeds or size["seeds"]
+    if size["test_images"]:
+        from .run import small_cifar
+        from ..data.sources import load_images
+        folder = work / "cifar10_small"
+        if not (folder / "cifar-10-batches-py" / "test_batch").exists():
+            small_cifar(cifar if cifar is not None else load_images(data_dir), folder, SMALL_TRAIN,
+                        size["test_images"])
+        data_dir = str(folder)
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     for seed in seeds:
         base = work / f"seed{seed}_{BASELINE}"
         t0 = time.time()
         if (base / "best.json").exists() or (base / "plan.json").exists():
-            run_search(data_dir, work, base.name, seed)            # finished (or interrupted): --resume
+            run_search(data_dir, work, base.name, seed, flags)            # finished (or interrupted): --resume
         else:
-            run_search(data_dir, work, base.name, seed, *VARIANTS[BASELINE])
+            run_search(data_dir, work, base.name, seed, flags, *VARIANTS[BASELINE])
         base_wall = time.time() - t0
         for variant, (final, tta) in VARIANTS.items():
             exp = work / f"seed{seed}_{variant}"
@@ -77,7 +99,7 @@ def bench_final_model(data_dir: str | None, quick: bool, work: Path) -> dict[str
             if variant != BASELINE:
                 if not exp.exists():
                     copy_before_final(base, exp, final, tta)
-                run_search(data_dir, work, exp.name, seed)
+                run_search(data_dir, work, exp.name, seed, flags)
             best = read_json(exp / "best.json")
             phases = best.get("phases", {})
             runs[variant].append({
@@ -101,14 +123,14 @@ def bench_final_model(data_dir: str | None, quick: bool, work: Path) -> dict[str
             row["p_vs_retrain_none"] = float(stats.ttest_rel(acc, base_acc).pvalue)
         table[variant] = row
     winner = max(table, key=lambda v: table[v]["test_acc"]["mean"])
-    return {"command": "python -m tune_cifar " + " ".join(search_args(data_dir, "NAME", 0, "FINAL", "TTA")),
-            "seeds": seeds, "runs": runs, "table": table, "winner": winner,
+    return {"command": "python -m tune_cifar " + " ".join(search_args(data_dir, "NAME", 0, "FINAL", "TTA", flags)),
+            "size": "quick" if quick else "full", "test_images": size["test_images"] or "all", "seeds": seeds, "runs": runs, "table": table, "winner": winner,
             "note": "search and CV once per seed (the retrain_none experiment), its folder copied before the final "
                     "stage for each other variant; retrain_flip reuses the finished retrain.pt"}
 
 
 def markdown(result: dict[str, Any]) -> list[str]:
-    lines = [f"final model of `search simple_cnn --quick --cv-top 3 --k 5`, seeds {result['seeds']}", "",
+    lines = [f"final model of `{result['command']}`, seeds {result['seeds']}, test images: {result['test_images']}", "",
              "| final model | TTA | test acc (mean +- std) | vs retrain, no TTA | p (paired t-test by seed) |",
              "|---" * 5 + "|"]
     for variant, row in result["table"].items():

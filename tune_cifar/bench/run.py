@@ -811,7 +811,7 @@ def run_bench(device: str | None = None, quick: bool = False, out: Path = Path("
         results["rungs"] = bench_rungs(data_dir, quick, work)
     if "final_model" in chosen:
         from .final_model import bench_final_model
-        results["final_model"] = bench_final_model(data_dir, quick, work)
+        results["final_model"] = bench_final_model(data_dir, quick, work, cifar)
     write_json(out, results)
     write_text(Path(out).with_suffix(".md"), markdown(results))
     print(markdown(results))
