@@ -24,11 +24,12 @@ from ..results.folders import read_json, write_json
 VARIANTS = {"retrain_none": ("retrain", "none"), "retrain_flip": ("retrain", "flip"),
             "bagging_none": ("bagging", "none"), "bagging_flip": ("bagging", "flip")}
 BASELINE = "retrain_none"
-# How big it runs. full: the command as it is (a few minutes per seed on an idle 2-core CPU, an
-# hour and more when the machine is shared); quick (bench --quick): the same stages on 2,000 training
-# images, 3 trials of up to 2 epochs, and a copy of CIFAR-10 with the first 2,000 test images.
+# How big it runs. full: the command as it is (about 10 minutes per seed on an idle 2-core CPU,
+# hours when the machine is shared); quick (bench --quick): the same stages on 1,500 training images,
+# 3 trials of 1 epoch (the smallest pool where every fold still has two batches of the space's largest
+# batch size, 512, per epoch), and a copy of CIFAR-10 with the first 2,000 test images.
 SIZES = {"full": {"flags": {}, "test_images": None, "seeds": [0, 1, 2]},
-         "quick": {"flags": {"subset": 2000, "max_epochs": 2, "num_samples": 3}, "test_images": 2000,
+         "quick": {"flags": {"subset": 1500, "max_epochs": 1, "num_samples": 3}, "test_images": 2000,
                    "seeds": [0, 1, 2]}}
 SMALL_TRAIN = 10_000      # training images of the quick copy (the subset is drawn from them)
 # the final stage's files: a copy made before it has none of them (bagging needs no retrain.pt either)
