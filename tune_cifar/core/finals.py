@@ -13,8 +13,8 @@ from .config import UserError
 KINDS = ("best_trial", "train", "retrain", "bagging")
 FINALS = ("retrain", "bagging")      # what --final chooses between (the final model of --cv-top)
 TTAS = ("none", "flip")
-DEFAULT_FINAL = "bagging"
-DEFAULT_TTA = "flip"
+DEFAULT_FINAL = "retrain"      # bench --only final_model: neither bagging nor flip won (BENCHMARKS.md)
+DEFAULT_TTA = "none"
 
 
 def check_final(final: str | None, tta: str | None, cv_top: int | None, cv_top_known: bool = True) -> None:
