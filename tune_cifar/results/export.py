@@ -19,6 +19,7 @@ the log of the mean softmax over members and views).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ def export(exp: Path, fmt: str, out: Path | None = None) -> Path:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
         torch.export.save(program, str(out))
     elif fmt == "torchscript":
+        print("note: --format torchscript is deprecated (torch 2.14 deprecates torch.jit.trace / torch.jit.load); "
+              "--format pt2 (torch.export) replaces it", file=sys.stderr)
         scripted = torch.jit.trace(model, example)
         scripted.save(str(out))
     else:
