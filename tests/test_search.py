@@ -291,7 +291,7 @@ def test_kfold_resumes_after_sigkill(ray_session, results, cifar_dir, cli):
     assert not folds.duplicated(["config", "fold"]).any()
 
 
-@pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["pt", "pt2", "torchscript", "onnx"])
 def test_export_gives_the_same_predictions(first_search, cifar, fmt, cli):
     rc, out, err = cli("export", str(first_search), "--format", fmt)
     assert rc == 0, err
@@ -304,11 +304,13 @@ def test_export_gives_the_same_predictions(first_search, cifar, fmt, cli):
     x = to_model_input(torch.from_numpy(cifar.test_x[:256]), meta["resolution"])
     with torch.no_grad():
         expected = model(x).argmax(1).numpy()
-    if fmt == "pt":
-        from tune_cifar.training.models import architecture
-        m = architecture("simple_cnn", "scratch", 10, 16)
-        m.load_state_dict(torch.load(path, weights_only=True)["model"])
-        got = m.eval()(x).argmax(1).detach().numpy()
+    if fmt == "pt":          # the final model's record: its networks' state dicts, config, kind and TTA
+        from tune_cifar.training.final import FinalModel
+        saved = torch.load(path, weights_only=True)
+        assert saved["final"]["kind"] == "best_trial" and saved["final"]["tta"] == meta["final"]["tta"]
+        got = FinalModel.from_record(saved, str(path)).predictor()(x).argmax(1).detach().numpy()
+    elif fmt == "pt2":
+        got = torch.export.load(str(path)).module()(x).argmax(1).detach().numpy()
     elif fmt == "torchscript":
         got = torch.jit.load(str(path))(x).argmax(1).detach().numpy()
     else:

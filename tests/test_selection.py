@@ -28,7 +28,7 @@ def test_evaluations(monkeypatch):
 
 def cv_top_args(cifar_dir, results, *extra):
     return ("search", TINY, "--data-dir", cifar_dir, "--subset", 2000, "--num-samples", 4, "--max-epochs", 1,
-            "--cv-top", 2, "--k", 3, "--results-dir", results, "--name", "sel", *extra)
+            "--cv-top", 2, "--k", 3, "--final", "retrain", "--results-dir", results, "--name", "sel", *extra)
 
 
 def test_cv_top_selects_by_cross_validation_and_tests_once(ray_session, cli, cifar_dir, tmp_path, test_evaluations):

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from .core.config import UserError
+from .core.finals import DEFAULT_FINAL, DEFAULT_TTA, FINALS, TTAS
 
 
 class Parser(argparse.ArgumentParser):
@@ -108,6 +109,11 @@ def add_race_flags(p: argparse.ArgumentParser, stage: str = "") -> None:
                    help=f"{stage}drop at a Holm-adjusted one-sided p below P, in (0, 0.5] (default 0.05)")
 
 
+def add_tta_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", choices=TTAS, help="test-time augmentation of the final model: none, or flip (the mean "
+                   f"softmax of the image and its horizontal mirror). Default: {DEFAULT_TTA}")
+
+
 # The TrainConfig fields `train` takes as flags (--batch-size for batch_size, ...); more with --set.
 TRAIN_FLAGS = (("lr", float), ("optimizer", str), ("batch_size", int), ("epochs", int), ("weight_decay", float),
                ("momentum", float), ("width", int), ("resolution", int), ("label_smoothing", float),
@@ -126,6 +132,7 @@ def build_parser() -> Parser:
         t.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"the TrainConfig field {key} "
                        "(default: the space's default point and fixed settings)")
     add_set(t, "any other TrainConfig field (repeatable)")
+    add_tta_flag(t)
     add_data_flags(t)
     add_experiment_flags(t)
 
@@ -143,6 +150,10 @@ def build_parser() -> Parser:
                    "the winner on all search images and test it once (see --k, --repeats)")
     s.add_argument("--k", type=int, default=5, help="with --cv-top: folds")
     s.add_argument("--repeats", type=int, default=1, help="with --cv-top: repeats of the K-fold split")
+    s.add_argument("--final", choices=FINALS, help="with --cv-top, the final model: retrain (the winner retrained on "
+                   "all search images) or bagging (the winner's split models of the cross-validation, softmax "
+                   f"averaged; no extra training). Default: {DEFAULT_FINAL}")
+    add_tta_flag(s)
     add_race_flags(s, "with --cv-top: ")
     add_run_flags(s)
 
@@ -177,7 +188,9 @@ def build_parser() -> Parser:
 
     e = sub.add_parser("export", help="export an experiment's best model")
     e.add_argument("experiment", metavar="EXP", help="experiment folder name in --results-dir, or a path")
-    e.add_argument("--format", choices=("pt", "torchscript", "onnx"), default="pt", help="file format (default pt)")
+    e.add_argument("--format", choices=("pt", "pt2", "onnx", "torchscript"), default="pt",
+                   help="pt: the saved record; pt2: torch.export ExportedProgram; onnx: dynamo exporter; "
+                   "torchscript: deprecated by torch 2.14 (use pt2)")
     add_results_dir(e)
     e.add_argument("--out", type=Path, help="output file (default: next to best_model.pt)")
 
@@ -190,8 +203,11 @@ def build_parser() -> Parser:
     b.add_argument("--device", choices=("cpu", "cuda"), help="where to measure (default: cuda when present)")
     b.add_argument("--quick", action="store_true", help="every part scaled down to run in minutes")
     b.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON of every number (and OUT.md)")
+    b.add_argument("--work-dir", type=Path, help="folder for the benchmark's experiments (default: a new temporary "
+                   "folder); experiments that finished there before are reused")
     b.add_argument("--only", help="comma-separated parts: p1,p4,p4c,p2,p3,p5,p6,p7,pretrained (the acceptance "
-                   "parts, run as --accept runs them) and the studies cpu_budget,search_quality,rungs,racing")
+                   "parts, run as --accept runs them) and the studies cpu_budget,search_quality,rungs,racing,"
+                   "final_model")
     b.add_argument("--accept", action="store_true",
                    help="the acceptance set (P1-P7 and the accuracy runs) at fixed sizes per device, each part timed, "
                    "with its target and pass/fail; writes OUT.json and OUT.md")
@@ -229,14 +245,14 @@ def pin_dataset(a: argparse.Namespace) -> None:
 
 def cmd_train(a: argparse.Namespace) -> None:
     from .data.sources import downloads_allowed
-    from .commands.train import plan_train, run_train
+    from .commands.train import plan_train, run_train, train_tta
     pin_dataset(a)
     flags = [key for key, _ in TRAIN_FLAGS] + ["data_dir", "subset", "weights", "seed"]
     overrides = {k: getattr(a, k) for k in flags if getattr(a, k) is not None}
     overrides.update(dict(a.set))
     cfg, exp = plan_train(a.space, overrides, a.results_dir, a.name, a.resume, a.overwrite,
                           download=downloads_allowed(a.download, a.offline))
-    run_train(cfg, exp, a.resume, a.overwrite, command=a.command)
+    run_train(cfg, exp, a.resume, a.overwrite, command=a.command, tta=train_tta(a.tta, exp, a.resume))
 
 
 def cmd_search(a: argparse.Namespace) -> None:
@@ -299,7 +315,8 @@ def cmd_dashboard(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from .bench.run import run_bench
-    run_bench(main, device=a.device, quick=a.quick, out=a.out, only=a.only, data_dir=a.data_dir, accept=a.accept)
+    run_bench(main, device=a.device, quick=a.quick, out=a.out, only=a.only, data_dir=a.data_dir, accept=a.accept,
+              work_dir=a.work_dir)
 
 
 COMMANDS = {"train": cmd_train, "search": cmd_search, "kfold": cmd_kfold, "report": cmd_report,

@@ -128,6 +128,9 @@ def studies_markdown(results: dict[str, Any]) -> str:
     if "racing" in results:
         from .racing import racing_markdown
         lines += racing_markdown(results["racing"])
+    if "final_model" in results:
+        from .final_model import markdown as final_model_markdown
+        lines += final_model_markdown(results["final_model"])
     if "cpu_budget" in results:
         import json
         lines += [f"**cpu_budget**: `{json.dumps(results['cpu_budget'])}`", ""]

@@ -171,6 +171,25 @@ def space_at(space: str, resolution: int | None, work: Path, **fixed: Any) -> st
     return str(path)
 
 
+def small_cifar(images, folder: Path, n_train: int, n_test: int) -> str:
+    """A copy of CIFAR-10 in its python layout with the first `n_train` training and `n_test` test
+    images (the data set is shuffled: every class is there), for runs that must be short."""
+    import pickle
+
+    import numpy as np
+    out = folder / "cifar-10-batches-py"
+    out.mkdir(parents=True, exist_ok=True)
+    flat = images.train_x[:n_train].reshape(n_train, -1)
+    for i, part in enumerate(np.array_split(np.arange(n_train), 5)):
+        with open(out / f"data_batch_{i + 1}", "wb") as f:
+            pickle.dump({"data": flat[part], "labels": images.train_y[part].tolist()}, f)
+    with open(out / "test_batch", "wb") as f:
+        pickle.dump({"data": images.test_x[:n_test].reshape(n_test, -1), "labels": images.test_y[:n_test].tolist()}, f)
+    with open(out / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(images.classes)}, f)
+    return str(folder)
+
+
 def p1(b: Bench) -> tuple[float, dict[str, Any]]:
     z, rows = b.z, []
     for model, mode in MODEL_MODES:

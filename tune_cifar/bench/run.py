@@ -7,6 +7,7 @@ it ran. Writes OUT.json (every number) and OUT.md (the tables, also printed).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import tempfile
@@ -14,17 +15,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from ..core.config import UserError
 from ..results.folders import write_json, write_text
 from . import studies
 from .accept import ORDER, parts_markdown, run_parts, studies_markdown
-from .parts import Bench
+from .parts import Bench, small_cifar
 from .sizes import SIZES, sizes_key
 
-STUDIES = ("cpu_budget", "search_quality", "rungs", "racing")
+STUDIES = ("cpu_budget", "search_quality", "rungs", "racing", "final_model")
 CHOICES = (*ORDER, *STUDIES)
 
 
@@ -46,23 +46,6 @@ def chosen_parts(only: str | None, accept: bool) -> set[str]:
     return chosen
 
 
-def small_cifar(images, folder: Path, n_train: int, n_test: int) -> str:
-    """A copy of CIFAR-10 in its python layout with the first `n_train` training and `n_test` test
-    images (the data set is shuffled: every class is there), for runs that must be short."""
-    import pickle
-    out = folder / "cifar-10-batches-py"
-    out.mkdir(parents=True, exist_ok=True)
-    flat = images.train_x[:n_train].reshape(n_train, -1)
-    for i, part in enumerate(np.array_split(np.arange(n_train), 5)):
-        with open(out / f"data_batch_{i + 1}", "wb") as f:
-            pickle.dump({"data": flat[part], "labels": images.train_y[part].tolist()}, f)
-    with open(out / "test_batch", "wb") as f:
-        pickle.dump({"data": images.test_x[:n_test].reshape(n_test, -1), "labels": images.test_y[:n_test].tolist()}, f)
-    with open(out / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(images.classes)}, f)
-    return str(folder)
-
-
 def run_study(study: str, b: Bench, quick: bool, checkpoint) -> dict[str, Any]:
     """One study; `checkpoint(result so far)` keeps OUT.json up to date during the long ones."""
     if study == "cpu_budget":
@@ -70,13 +53,18 @@ def run_study(study: str, b: Bench, quick: bool, checkpoint) -> dict[str, Any]:
     if study == "racing":
         from .racing import racing
         return racing(b, quick, checkpoint)
+    if study == "final_model":
+        from .final_model import final_model
+        return final_model(b, quick)
     return getattr(studies, study)(b, quick)
 
 
 def run_bench(cli: Callable[[list], int], device: str | None = None, quick: bool = False,
               out: Path = Path("bench.json"), only: str | None = None, data_dir: str | None = None,
-              accept: bool = False) -> dict[str, Any]:
-    """Run the chosen parts and studies; `cli` is the CLI's own entry (searches run through it)."""
+              accept: bool = False, work_dir: Path | None = None) -> dict[str, Any]:
+    """Run the chosen parts and studies; `cli` is the CLI's own entry (searches run through it);
+    `work_dir`: where the experiments go (default: a new temporary folder), and a later run reuses
+    the ones that finished there."""
     from ..data.readers import synthetic_images
     from ..data.sources import load_images, resolve_data_dir
     from ..data.store import device_of
@@ -95,10 +83,12 @@ def run_bench(cli: Callable[[list], int], device: str | None = None, quick: bool
             images = synthetic_images()          # P1 and P4 need only same-shape data
     key = sizes_key(dev, quick)
     z = SIZES[key]
-    work = Path(tempfile.mkdtemp(prefix="tune_cifar_bench_"))
-    if z.small_data and searches:
-        data_dir = small_cifar(images, work / "cifar10_small", *z.small_data)
-    b = Bench(dev, z, key, data_dir, work, images, cli)
+    work = Path(work_dir).resolve() if work_dir else Path(tempfile.mkdtemp(prefix="tune_cifar_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    studies_bench = Bench(dev, z, key, data_dir, work, images, cli)
+    b = studies_bench
+    if z.small_data and searches and chosen & set(ORDER):       # the acceptance parts' own small copy
+        b = dataclasses.replace(b, data_dir=small_cifar(images, work / "cifar10_small", *z.small_data))
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "device": device_name(dev),
                                "torch": torch.__version__, "quick": quick, "data": data_dir or images.source}
     ray_facts: dict[str, Any] | None = None
@@ -115,12 +105,13 @@ def run_bench(cli: Callable[[list], int], device: str | None = None, quick: bool
         for study in STUDIES:
             if study in chosen and not (study == "cpu_budget" and dev.type != "cpu"):
                 shared_ray()
-                results[study] = run_study(study, b, quick, lambda r, s=study: write_json(out, {**results, s: r}))
+                results[study] = run_study(study, studies_bench, quick,
+                                           lambda r, s=study: write_json(out, {**results, s: r}))
     finally:
         if ray_facts is not None:
             stop_ray(ray_facts)
     verdicts = [p["verdict"] for p in rows]
-    results["accept"] = {"sizes": key, "note": z.note, "data": data_dir, "parts": rows,
+    results["accept"] = {"sizes": key, "note": z.note, "data": b.data_dir, "parts": rows,
                          "total_s": round(time.perf_counter() - t_all, 1),
                          "passed": verdicts.count("pass"), "failed": verdicts.count("fail")}
     md = parts_markdown(results) + studies_markdown(results)

@@ -29,7 +29,7 @@ BUDGETED_SAMPLES = 1000        # trials a --time-budget search may propose (the 
 # Flags that define a search's plan: given again on --resume, each must agree with plan.json.
 PLAN_FLAGS = ("num_samples", "max_epochs", "grace_period", "searcher", "quick", "subset", "data_dir", "weights",
               "seed", "time_budget", "max_failures", "gpus_per_trial", "cpus_per_trial", "cv_top", "k", "repeats",
-              "study_feedback", "race", "race_min_splits", "race_alpha")
+              "study_feedback", "race", "race_min_splits", "race_alpha", "final", "tta")
 
 
 @dataclass
@@ -46,10 +46,14 @@ class SearchOptions(RunOptions):
     race: bool = True                  # with cv_top: racing over the splits (kfold.KFoldOptions)
     race_min_splits: int | None = None
     race_alpha: float = DEFAULT_ALPHA
+    final: str | None = None           # with cv_top: retrain | bagging (None: the default, final_stage.resolved)
+    tta: str | None = None             # none | flip: test-time augmentation of the final model
 
 
 def plan_search(name: str, opts: SearchOptions) -> Plan:
     """Every check, before anything is written or started."""
+    from ..core.finals import check_final
+    check_final(opts.final, opts.tta, opts.cv_top, cv_top_known=not opts.resume)   # on --resume: in plan.json
     if opts.resume:
         return resumed_plan(name, opts)
     spec = load_space(name)
@@ -95,7 +99,7 @@ def plan_search(name: str, opts: SearchOptions) -> Plan:
         check_batches(spec, base, k=opts.k)
     spec = dataclasses.replace(spec, base=base.replace(seed=opts.seed))
     exp = experiment_dir(opts.results_dir, opts.name or spec.name, overwrite=opts.overwrite)
-    opts = dataclasses.replace(opts, data_dir=data_dir, subset=base.subset)
+    opts = final_options(dataclasses.replace(opts, data_dir=data_dir, subset=base.subset), exp)
     from ..tuning.trainable import fault_injection
     return make_plan(spec, opts, exp, resources, fault_injection(), fitting.to_dict())
 
@@ -130,7 +134,18 @@ def resumed_plan(name: str, opts: SearchOptions) -> Plan:
     exp, saved, spec, opts = reopen(name, opts, find_space(name).stem, PLAN_FLAGS)
     if "race" not in saved["options"]:      # planned before racing existed: its --cv-top stage trains every split
         opts = dataclasses.replace(opts, race=False)
+    opts = final_options(opts, exp, legacy=not {"final", "tta"} <= set(saved["options"]))
     return make_plan(spec, opts, exp, saved["resources"], saved.get("inject") or {}, saved.get("fitting"))
+
+
+def final_options(opts: SearchOptions, exp: Path, legacy: bool = False) -> SearchOptions:
+    """The options with --final / --tta resolved (the defaults filled in) as plan.json records them;
+    `legacy`: a plan from before these flags. Bagging needs the CV stage's trial folders here."""
+    from ..tuning.tuners import tune_path
+    from .final_stage import check_bagging_storage, resolved
+    final, tta = resolved(opts.final, opts.tta, opts.cv_top, legacy=legacy)
+    check_bagging_storage(final, tune_path(exp, opts.ray))
+    return dataclasses.replace(opts, final=final, tta=tta)
 
 
 def make_plan(spec: SearchSpec, opts: SearchOptions, exp: Path, resources: dict[str, float],
@@ -139,13 +154,13 @@ def make_plan(spec: SearchSpec, opts: SearchOptions, exp: Path, resources: dict[
     return Plan(exp=exp, opts=opts, trials=SearchTrials(spec, opts.seed, opts.study_feedback), resources=resources,
                 time_budget=spec.budget.time_budget_s, phase="search", inject=inject, fitting=fitting,
                 write_results=lambda results, phases, ray_facts: write_search_results(
-                    spec, exp, resources, results, phases, ray_facts, test=opts.cv_top is None),
+                    spec, exp, resources, results, phases, ray_facts, test=opts.cv_top is None, tta=opts.tta),
                 # with --cv-top the search is only the first stage: selection.py writes best.json
                 summary_file="best.json" if opts.cv_top is None else SEARCH_STAGE_FILE)
 
 
 def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float], results, phases,
-                         ray_facts: dict, test: bool = True) -> dict[str, Any]:
+                         ray_facts: dict, test: bool = True, tta: str = "none") -> dict[str, Any]:
     """trials.csv and history.csv; then, unless a cross-validation stage follows (test=False), the
     best trial's model tested once: best_model.pt, test_predictions.json, best.json."""
     import pandas as pd
@@ -174,7 +189,7 @@ def write_search_results(spec: SearchSpec, exp: Path, resources: dict[str, float
     cfg = spec.base.replace(**params)
     with best_result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    summary.update(test_once(exp, cfg, state=state))
+    summary.update(test_once(exp, cfg, state=state, tta=tta))
     phases.done("test")
     summary.update(selected_by="validation", phases=phases.seconds)
     write_json(exp / "best.json", summary)

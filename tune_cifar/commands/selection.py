@@ -5,8 +5,10 @@ the search only shortlists:
   1. search    the usual search (search.py); its summary goes to search.json, the test set untouched;
   2. cv/       the N best successful configurations cross-validated (kfold.py's machinery and
                statistics) over the images the search trained and validated on;
-  3. retrain   the configuration with the highest CV mean trained once on all of those images for
-               the full epoch budget (no Ray: one run, checkpointed every round to retrain.pt);
+  3. final     --final retrain: the configuration with the highest CV mean trained once on all of
+               those images for the full epoch budget (no Ray: one run, checkpointed every round to
+               retrain.pt); --final bagging: its J split models of stage 2, softmax averaged, no
+               training (final_stage.py); either with --tta flip;
   4. test      that model evaluated on the test set, once per experiment: best.json, best_model.pt.
 Each stage leaves its files behind, so `--resume` continues at the first unfinished one.
 """
@@ -26,11 +28,14 @@ from ..results.folders import ranked_trials, read_json, write_json, write_torch
 from ..results.tested import test_once
 from .search import SEARCH_STAGE_FILE
 from .kfold import race_summary
+from ..core.finals import final_line
+from .final_stage import LEGACY_FINAL, LEGACY_TTA, split_members
 from ..core.spaces import SearchSpec
 
 CV_DIR = "cv"
 RETRAIN_CHECKPOINT = "retrain.pt"
 TESTED_FILE = "test.json"          # the one test's metrics, written the moment it is done
+LEGACY_SUMMARY = {"kind": LEGACY_FINAL, "tta": LEGACY_TTA}     # a test.json from before `final` existed
 
 
 def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> dict[str, Any]:
@@ -60,12 +65,7 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
     if (exp / TESTED_FILE).exists():        # tested already, then interrupted: never test twice
         tested = read_json(exp / TESTED_FILE)
     else:
-        print(f"\nretraining configuration {winner} on all the images the search trained and validated on, "
-              f"for {cfg.epochs} epochs", flush=True)
-        retrained = retrain(cfg, exp)
-        phases.done("retrain")
-        tested = {**test_once(exp, cfg, model=retrained.model),
-                  "precision_used": retrained.last.get("precision_used")}
+        tested = final_model_tested(plan, cfg, winner, phases)
         write_json(exp / TESTED_FILE, tested)
         phases.done("test")
 
@@ -91,9 +91,32 @@ def run_selection(plan: Plan, report: Callable[[Path], Any] | None = None) -> di
     write_json(exp / "best.json", summary)
     print(f"\ncross-validated winner: configuration {winner} (search trial {row['trial_id']}): CV accuracy "
           f"{best['mean_acc']:.4f} [{best['ci_low']:.4f}, {best['ci_high']:.4f}], search validation "
-          f"{row['last_val_acc']:.4f}; retrained, test_acc={tested['test_acc']:.4f}")
+          f"{row['last_val_acc']:.4f}; final model: {final_line(summary.get('final') or LEGACY_SUMMARY)}, "
+          f"test_acc={tested['test_acc']:.4f}")
     print_phases(phases)
     return summary
+
+
+def final_model_tested(plan: Plan, cfg: TrainConfig, winner: int, phases: Phases) -> dict[str, Any]:
+    """Stages 3 and 4: the final model the plan declares (--final, --tta), tested once."""
+    from ..results.folders import RAY_DIR
+    from ..tuning.tuners import tune_path
+    opts, exp = plan.opts, plan.exp
+    final, tta = opts.final or LEGACY_FINAL, opts.tta or LEGACY_TTA
+    if final == "bagging":
+        splits = opts.k * opts.repeats
+        root = Path(tune_path(exp / CV_DIR, opts.ray)) / RAY_DIR
+        print(f"\nbagging the {splits} split models of configuration {winner} the cross-validation trained"
+              + (" (flip TTA)" if tta == "flip" else ""), flush=True)
+        tested = test_once(exp, cfg, kind="bagging", tta=tta,
+                           members=lambda n: split_members(root, cfg, winner, splits, n))
+        return {**tested, "precision_used": tested["final"]["members"][0].get("precision_used")}
+    print(f"\nretraining configuration {winner} on all the images the search trained and validated on, "
+          f"for {cfg.epochs} epochs", flush=True)
+    retrained = retrain(cfg, exp)
+    phases.done("retrain")
+    return {**test_once(exp, cfg, model=retrained.model, kind="retrain", tta=tta),
+            "precision_used": retrained.last.get("precision_used")}
 
 
 def shortlisted(exp: Path, top: int) -> pd.DataFrame:

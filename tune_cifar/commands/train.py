@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import TrainConfig, UserError
-from ..results.folders import command_line, experiment_dir, start_experiment, write_json, write_torch, write_yaml
+from ..results.folders import (command_line, experiment_dir, read_yaml, start_experiment, write_json, write_torch,
+                               write_yaml)
 from ..core.spaces import check_value, load_space
 
 
@@ -55,10 +56,24 @@ def saved_config(exp: Path) -> TrainConfig:
     return TrainConfig.from_dict(read_checkpoint(exp)["config"], where=str(exp / "checkpoint.pt"))
 
 
-def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool, command: str | None = None) -> dict[str, Any]:
+def train_tta(tta: str | None, exp: Path, resume: bool) -> str:
+    """--tta as given; else on --resume what spec.yaml recorded (none for a run from before --tta),
+    else the default. Checked before anything is written."""
+    from ..core.finals import DEFAULT_TTA, check_tta
+    check_tta(tta)
+    if tta is not None:
+        return tta
+    if resume and (exp / "spec.yaml").is_file():
+        return (read_yaml(exp / "spec.yaml") or {}).get("tta", "none")
+    return DEFAULT_TTA
+
+
+def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool, command: str | None = None,
+              tta: str = "none") -> dict[str, Any]:
 
     from ..data.cache import device_data
     from ..training.evaluate import evaluate_test
+    from ..training.final import FinalModel, Member
     from ..training.fit import fit
 
     started = time.time()
@@ -67,7 +82,7 @@ def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool, comman
     if resume:
         state = read_checkpoint(exp)
     else:
-        write_yaml(exp / "spec.yaml", {"command": command or command_line(), "config": cfg.to_dict()})
+        write_yaml(exp / "spec.yaml", {"command": command or command_line(), "config": cfg.to_dict(), "tta": tta})
     data = device_data(cfg)
     print(f"{cfg.model} {cfg.mode}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "
           f"images from {data.source} (test: {data.test_source})", flush=True)
@@ -79,16 +94,16 @@ def run_train(cfg: TrainConfig, exp: Path, resume: bool, overwrite: bool, comman
               f"({record['seconds']:.1f}s, {record['images_per_s']:.0f} img/s)", flush=True)
 
     result = fit(cfg, data, on_round=on_round, resume=state)
-    metrics = evaluate_test(result.model, cfg, data)
+    final = FinalModel("train", tta, [Member(cfg, result.model)])
+    metrics = evaluate_test(final.predictor(), cfg, data)
     metrics.pop("predictions")
     out = {"status": result.status, "test_acc": metrics["test_acc"], "val_acc": result.last.get("val_acc"),
            "best_val_acc": result.best_val_acc, "epochs": result.last.get("epoch", 0),
            "precision_used": result.last.get("precision_used"), **metrics,
            "history": result.history, "config": cfg.to_dict(), "test_source": data.test_source,
-           "seconds": round(time.time() - started, 2)}
+           "final": final.summary(), "seconds": round(time.time() - started, 2)}
     write_json(exp / "metrics.json", out)
-    write_torch(exp / "model.pt", {"model": result.model.state_dict(), "config": cfg.to_dict(),
-                                   "classes": list(data.classes)})
+    write_torch(exp / "model.pt", final.record(list(data.classes)))
     print(f"{result.status} after {out['epochs']:g} epochs in {out['seconds']:.0f}s; results in {exp}")
     print(f"test_acc={metrics['test_acc']:.4f}")
     return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from .folders import find_experiment, read_json, write_csv, write_text
+from ..core.finals import final_label, final_of
 from .pages import markdown, save_figure
 from .report import overfitting_gap
 
@@ -42,7 +43,7 @@ def compare_modes(model: str, results_dir: Path) -> pd.DataFrame:
         search_s = best.get("phases", {}).get("search", float(trials["seconds"].sum()))
         rows.append({"mode": mode, "experiment": exp.name, "val_acc": best["val_acc"], "test_acc": best["test_acc"],
                      "wall_s": best.get("wall_s", round(sum(best.get("phases", {}).values()), 1)),
-                     "epochs": best["epochs"], "trials": best["trials"],
+                     "final": final_label(final_of(best)), "epochs": best["epochs"], "trials": best["trials"],
                      "gpu_hours": round(gpu * float(trials["seconds"].sum()) / 3600, 4),
                      "search_s": search_s, "overfit_gap": overfitting_gap(history, best["best_trial"])})
     table = pd.DataFrame(rows)

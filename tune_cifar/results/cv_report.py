@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ..core.finals import final_line, final_of
 from .folders import read_yaml
 from .pages import markdown, save_figure, write_markdown_report
 
@@ -28,8 +29,9 @@ def selection_section(exp: Path, best: dict[str, Any]) -> list[str]:
             f"1. The search ranked {best['trials']} trials by one validation score each. "
             f"2. The {cv['top']} best were cross-validated ({cv['k']}-fold x {cv['repeats']}) on the same images. "
             f"3. The configuration with the highest CV mean (configuration {cv['winner']}, search trial "
-            f"{best['best_trial']}) was retrained on all of them for {best['epochs']:g} epochs. "
-            f"4. That model was tested once: **test accuracy {best['test_acc']:.4f}**.", "",
+            f"{best['best_trial']}) became the final model: {final_line(final_of(best))}"
+            + (f", {best['epochs']:g} epochs on all of them. " if final_of(best)["kind"] == "retrain" else ". ")
+            + f"4. That model was tested once: **test accuracy {best['test_acc']:.4f}**.", "",
             "Single validation score against cross-validated mean (the winner's curse: the best of many noisy "
             f"scores is optimistic; here the shortlist's scores were on average {drop.mean():+.4f} above their "
             "CV means):", "", markdown(shortlist), ""] + kfold_section(table, f"{Path(cv['table']).parent}/{img}") \

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import UserError
+from ..core.finals import final_line, final_of
 from .folders import ranked_trials, read_json, read_yaml, write_csv
 from .pages import markdown, save_figure, write_markdown_report
 
@@ -208,6 +209,7 @@ def write_report(exp: Path) -> Path:
              f"| best trial | {best['best_trial']} |",
              f"| validation accuracy | {best['val_acc']:.4f} |",
              f"| **test accuracy** | **{best['test_acc']:.4f}** |",
+             f"| final model (tested once) | {final_line(final_of(best))} |",
              f"| epochs trained | {best['epochs']:g} |",
              f"| trained in | {best.get('precision_used') or 'not recorded'} "
              f"(precision: {cfg.get('precision', 'auto')}) |",
