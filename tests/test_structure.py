@@ -186,3 +186,22 @@ def test_the_import_graph_is_at_most_ten_floors_high():
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_is_over_400_lines(path):
     assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def test_readme_architecture_lists_every_module():
+    """README's architecture section names each package and module, under its package, and nothing
+    that is not in the tree."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("### Architecture"):readme.index("## When things go wrong")]
+    listed, package = set(), None
+    for line in section.splitlines():
+        words = line.split()
+        if not line.startswith("    ") or not words:
+            continue
+        if line.startswith("    ") and not line.startswith("      ") and words[0].endswith("/"):
+            package = words[0].rstrip("/")
+        elif line.startswith("      ") and words[0].endswith(".py") and package:
+            listed.add(f"{package}/{words[0]}")
+    present = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+               if p.parent != PACKAGE and p.name != "__init__.py"}
+    assert listed == present
