@@ -67,12 +67,11 @@ def _extract(backbone: nn.Module, split: DeviceSplit, rt, flips: bool) -> Featur
 
 
 def frozen_features(backbone: nn.Module, data: DeviceData, rt, key: tuple[Any, ...]) -> FrozenFeatures:
-    """Features of `data` through `backbone` (eval mode), cached for the life of this process."""
+    """Features of `data` through `backbone` (eval mode, placed by the caller: step.place), cached for
+    the life of this process."""
     full_key = (id(data), rt.resolution, rt.device, rt.autocast_dtype) + tuple(key)
     if full_key not in _CACHE:
         backbone.eval()
-        if rt.channels_last:
-            backbone.to(memory_format=torch.channels_last)
         _CACHE.clear()        # one feature set per process: a new data set or model replaces it
         _CACHE[full_key] = data, FrozenFeatures(_extract(backbone, data.train, rt, flips=True),
                                                 _extract(backbone, data.val, rt, flips=False))

@@ -97,7 +97,7 @@ class Feeds:
         if cfg.mode == "frozen":
             from .features import frozen_features
             backbone, head = split_frozen(model, cfg.model)
-            backbone.to(rt.device)
+            place(backbone, rt)
             feats = frozen_features(backbone, data, rt, key=(cfg.model, cfg.weights))
             return cls(head, lambda order: feats.train.batches(cfg.batch_size, cfg.augment, gen, order),
                        lambda: feats.val.batches(1024), lambda: join_frozen(backbone, head, cfg.model))
