@@ -46,6 +46,14 @@ def chosen_parts(only: str | None, accept: bool) -> set[str]:
     return chosen
 
 
+def start_shared_ray() -> dict[str, Any]:
+    """The one Ray bench's searches share (each search's start_ray finds it running): started where
+    every command starts its Ray (tuning/ray_session.start_ray), so an embedded one with this
+    machine's CPUs even beside a `ray start` cluster, or the cluster $RAY_ADDRESS names."""
+    from ..tuning.ray_session import RayOptions, start_ray
+    return start_ray(RayOptions(num_cpus=os.cpu_count()))
+
+
 def run_study(study: str, b: Bench, quick: bool, checkpoint) -> dict[str, Any]:
     """One study; `checkpoint(result so far)` keeps OUT.json up to date during the long ones."""
     if study == "cpu_budget":
@@ -68,7 +76,7 @@ def run_bench(cli: Callable[[list], int], device: str | None = None, quick: bool
     from ..data.readers import synthetic_images
     from ..data.sources import load_images, resolve_data_dir
     from ..data.store import device_of
-    from ..tuning.ray_session import RayOptions, start_ray, stop_ray
+    from ..tuning.ray_session import stop_ray
 
     chosen = chosen_parts(only, accept)
     dev = device_of(device or "auto")
@@ -98,7 +106,7 @@ def run_bench(cli: Callable[[list], int], device: str | None = None, quick: bool
         the searches, started after the parts without Ray so its start-up slows none of them."""
         nonlocal ray_facts
         if quick and ray_facts is None:
-            ray_facts = start_ray(RayOptions(num_cpus=os.cpu_count()))
+            ray_facts = start_shared_ray()
     t_all = time.perf_counter()
     try:
         rows = run_parts(b, chosen, shared_ray)
