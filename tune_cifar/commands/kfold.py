@@ -54,13 +54,6 @@ def race_record(opts) -> dict[str, Any]:
             "alpha": float(opts.race_alpha)}
 
 
-def race_rule(record: dict[str, Any] | None, k: int) -> RaceRule | None:
-    """The racing rule of a plan's race record; None without racing."""
-    if not record or not record["on"]:
-        return None
-    return RaceRule(min_splits=int(record["min_splits"]), alpha=float(record["alpha"]), ratio=holdout_ratio(k))
-
-
 def draw_configs(spec: SearchSpec, n: int, seed: int) -> list[dict[str, Any]]:
     """The default point, then N - 1 points of a scrambled, seeded Sobol sequence over the space
     (Optuna's QMCSampler). For the handful of configurations a K-fold compares, a low-discrepancy
@@ -218,12 +211,11 @@ def cross_validate(spec: SearchSpec, base: TrainConfig, candidates: list[dict[st
 def make_plan(spec: SearchSpec, opts: KFoldOptions, base: TrainConfig, candidates: list[dict[str, Any]], exp: Path,
               resources: dict[str, float], inject: dict[str, Any], fitting: dict[str, Any] | None = None) -> Plan:
     """fitting: what core/fitting.py changed (plan.json keeps it beside the fitted spec and base)."""
-    racing = race_record(opts)
-    rule = race_rule(racing, opts.k)
-    return Plan(exp=exp, opts=opts, trials=FoldTrials(spec, base, candidates, opts.k, opts.repeats, rule, racing),
+    trials = FoldTrials(spec, base, candidates, opts.k, opts.repeats, race_record(opts))
+    return Plan(exp=exp, opts=opts, trials=trials,
                 resources=resources, time_budget=opts.time_budget, phase="folds", inject=inject, fitting=fitting,
                 write_results=lambda results, phases, ray_facts: write_kfold_results(
-                    exp, candidates, opts.k, opts.repeats, results, ray_facts, rule, racing),
+                    exp, candidates, opts.k, opts.repeats, results, ray_facts, trials.rule, trials.race),
                 summary_file="kfold_summary.json")
 
 

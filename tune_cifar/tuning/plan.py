@@ -90,9 +90,18 @@ class FoldTrials:
     candidates: list[dict[str, Any]]
     k: int
     repeats: int = 1
-    rule: Any = None                   # core.racing.RaceRule: race over the splits; None: every split
-    race: dict[str, Any] | None = None         # the race settings as plan.json records them
+    race: dict[str, Any] | None = None         # the race settings as plan.json records them; None / off: every split
     kind = "kfold"
+
+    @property
+    def rule(self):
+        """The racing rule (core.racing.RaceRule) of the race settings; None without racing."""
+        if not self.race or not self.race["on"]:
+            return None
+        from ..core.racing import RaceRule
+        from ..core.stats import holdout_ratio
+        return RaceRule(min_splits=int(self.race["min_splits"]), alpha=float(self.race["alpha"]),
+                        ratio=holdout_ratio(self.k))
 
     def searched(self) -> list[str]:
         return sorted({key for c in self.candidates for key in c})
